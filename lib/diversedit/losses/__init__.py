@@ -1,0 +1,1 @@
+"""Training objectives: flow matching, REPA, DiverseDiT diversity and the add-on methods."""

@@ -1,0 +1,520 @@
+"""Tests for diversedit.losses.diversity against a per-pair loop reference of the release loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diversedit.losses.diversity import (
+    DiversityConfig,
+    adaptive_weight,
+    candidate_pairs,
+    diversity_loss,
+    select_pairs,
+)
+
+EPS = 1e-8
+
+
+# --------------------------------------------------------------------------- reference (loops)
+def _bad(t: torch.Tensor) -> bool:
+    return bool(torch.isnan(t).any() or torch.isinf(t).any())
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / torch.clamp_min(v.norm(), EPS)
+
+
+def ref_pairs(feats: list[torch.Tensor], cfg: DiversityConfig) -> list[tuple[int, int]]:
+    """Walk the candidates exactly like the release loop, skipping pairs with a bad block."""
+    n = len(feats)
+    if n < 2:
+        return []
+    total = n * (n - 1) // 2
+    if cfg.pairs == "explicit":
+        cap = cfg.max_pairs or len(cfg.explicit_pairs)
+        walk = list(cfg.explicit_pairs)
+    else:
+        cap = min(cfg.max_pairs, total) if cfg.max_pairs else total
+        ids = list(range(n))  # sorted block ids; negative i indexes from the end
+        lo = cap - cfg.pair_encoder_depth - 1 if cfg.pairs == "release_formula" else 0
+        hi = cap + cfg.pair_encoder_depth if cfg.pairs == "release_formula" else n
+        walk = [(ids[i], ids[j]) for i in range(lo, hi) for j in range(i + 1, n)]
+    chosen = []
+    for a, b in walk:
+        if len(chosen) >= cap:
+            break
+        if _bad(feats[a]) or _bad(feats[b]):
+            continue
+        chosen.append((a, b))
+    return chosen
+
+
+def ref_loss(feats: list[torch.Tensor], cfg: DiversityConfig) -> dict[str, torch.Tensor]:
+    """Straightforward float64 loop implementation of method-spec §4 (release semantics)."""
+    feats = [f.double() for f in feats]
+    flat = [f.reshape(-1, f.shape[-1]) for f in feats]
+    pairs = ref_pairs(feats, cfg)
+    orth = mi = torch.zeros((), dtype=torch.float64)
+    for a, b in pairs:
+        cos = _unit(flat[a].mean(0)) @ _unit(flat[b].mean(0))
+        orth = orth + {"signed": cos, "abs": cos.abs(), "squared": cos**2}[cfg.orth_form]
+        row_a = flat[a] / flat[a].norm(dim=1, keepdim=True).clamp_min(EPS)
+        row_b = flat[b] / flat[b].norm(dim=1, keepdim=True).clamp_min(EPS)
+        rows = (row_a * row_b).sum(1)  # cosine of each (sample, token) row
+        mi = mi + (rows.mean().abs() if cfg.mi_form == "abs_of_mean" else rows.abs().mean())
+    orth, mi = orth / max(len(pairs), 1), mi / max(len(pairs), 1)
+    good = [x for x in flat if not _bad(x)]
+    disp = torch.zeros((), dtype=torch.float64)
+    if len(good) >= 2 and cfg.disp_form == "release_l1l2_usage":
+        usage = torch.zeros(good[0].shape[1], dtype=torch.float64)
+        for x in good:
+            cols = x / x.norm(dim=0, keepdim=True).clamp_min(EPS)  # column-normalised
+            usage = usage + cols.abs().mean(0)
+        usage = usage / (len(good) + EPS)
+        usage = usage / (usage.max() + EPS)
+        var = ((usage - usage.mean()) ** 2).mean()
+        disp = -torch.clamp(var / 0.25, 0, 1)
+    elif len(good) >= 2:
+        for x in good:
+            mean = (x / x.norm(dim=1, keepdim=True).clamp_min(EPS)).mean(0)
+            disp = disp - x.shape[1] * ((mean - mean.mean()) ** 2).mean() / len(good)
+    parts = {"orth": orth, "mi": mi, "disp": disp}
+    parts = {t: v if t in cfg.terms else torch.zeros_like(v) for t, v in parts.items()}
+    div = sum(
+        w * parts[t]
+        for t, w in zip(("orth", "mi", "disp"), cfg.weights, strict=True)
+        if t in cfg.terms
+    )
+    div = torch.clamp(div, max=5.0)
+    if not torch.isfinite(div):
+        div = torch.zeros((), dtype=torch.float64)
+    return {**parts, "div": div, "pairs_used": torch.tensor(float(len(pairs)))}
+
+
+# --------------------------------------------------------------------------- helpers
+def _feats(n_blocks: int, seed: int = 0, shape=(2, 3, 8), shared: float = 1.0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(*shape, generator=g)
+    out = []
+    for k in range(n_blocks):
+        scale = torch.rand(shape[-1], generator=g) * 2 + 0.1
+        out.append((shared * base + torch.randn(*shape, generator=g)) * scale + 0.1 * k)
+    return out
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-5) -> None:
+    assert torch.allclose(a.double(), b.double(), atol=tol, rtol=tol), (a, b)
+
+
+# --------------------------------------------------------------------------- pair sets
+def _row(i: int, js) -> list[tuple[int, int]]:
+    return [(i, j) for j in js]
+
+
+@pytest.mark.parametrize("num_blocks", [12, 24, 28])
+def test_pair_tables_of_spec(num_blocks: int) -> None:
+    e4 = (
+        _row(5, range(6, 12)) + _row(6, range(7, 11)) if num_blocks == 12 else _row(5, range(6, 16))
+    )
+    assert select_pairs(num_blocks, DiversityConfig(pair_encoder_depth=4)) == e4
+    assert select_pairs(num_blocks, DiversityConfig(pair_encoder_depth=8)) == _row(1, range(2, 12))
+    star = _row(0, range(1, 11))
+    assert select_pairs(num_blocks, DiversityConfig(pairs="star")) == star
+    assert select_pairs(num_blocks, DiversityConfig(pair_encoder_depth=9)) == star
+
+
+def test_pair_wraparound_for_deep_encoder() -> None:
+    assert select_pairs(12, DiversityConfig(pair_encoder_depth=10)) == _row(11, range(10))
+    xl = [(25, 26), (25, 27), *_row(25, range(8))]
+    assert select_pairs(28, DiversityConfig(pair_encoder_depth=12)) == xl
+    # the walk continues past the cut: row −3 reaches (25, 25) (Python indexing), then row −2
+    cands = candidate_pairs(28, DiversityConfig(pair_encoder_depth=12))
+    assert cands[:10] == xl and (25, 25) in cands and cands[30] == (26, 27)
+    with pytest.raises(ValueError, match="release_formula"):
+        candidate_pairs(3, DiversityConfig(pair_encoder_depth=8))  # start −6 < −3
+
+
+def test_candidate_list_order_and_other_modes() -> None:
+    cands = candidate_pairs(12, DiversityConfig(pair_encoder_depth=8))
+    assert cands[:12] == [*_row(1, range(2, 12)), (2, 3), (2, 4)]
+    assert cands == [(i, j) for i in range(1, 12) for j in range(i + 1, 12)]
+    every = [(i, j) for i in range(6) for j in range(i + 1, 6)]
+    assert select_pairs(6, DiversityConfig(pairs="all", max_pairs=0)) == every
+    assert select_pairs(6, DiversityConfig(pairs="all", max_pairs=4)) == every[:4]
+    four = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert select_pairs(4, DiversityConfig(pairs="star")) == four  # cap min(10, 6)
+    cfg = DiversityConfig(pairs="explicit", explicit_pairs=[(3, 1), (0, 2), (2, 3)], max_pairs=2)
+    assert cfg.explicit_pairs == ((3, 1), (0, 2), (2, 3))
+    assert candidate_pairs(4, cfg) == [(3, 1), (0, 2), (2, 3)]
+    assert select_pairs(4, cfg) == [(3, 1), (0, 2)]
+    with pytest.raises(ValueError, match="outside"):
+        select_pairs(3, cfg)
+    assert select_pairs(1, DiversityConfig()) == []
+
+
+# --------------------------------------------------------------------------- reference agreement
+CONFIGS = [
+    DiversityConfig(),
+    DiversityConfig(pair_encoder_depth=4),
+    DiversityConfig(pair_encoder_depth=10),
+    DiversityConfig(pairs="star", orth_form="abs", mi_form="mean_of_abs"),
+    DiversityConfig(pairs="all", max_pairs=0, orth_form="squared"),
+    DiversityConfig(pairs="all", max_pairs=3, disp_form="mean_activation_variance"),
+    DiversityConfig(
+        pairs="explicit", explicit_pairs=((3, 1), (7, 2), (0, 11), (3, 5)), max_pairs=3
+    ),
+    DiversityConfig(terms=("mi", "disp"), weights=(0.0, 0.7, 0.2)),
+]
+BAD = [(), (3,), (1,), (2, 7), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10), tuple(range(12))]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("bad", BAD)
+def test_matches_loop_reference(cfg: DiversityConfig, bad: tuple[int, ...]) -> None:
+    feats = _feats(12, seed=len(bad))
+    for i, k in enumerate(bad):
+        feats[k][0, 1, i % 8] = (math.nan, math.inf, -math.inf)[i % 3]
+    leaves = [f.clone().requires_grad_(True) for f in feats]
+    out = diversity_loss(leaves, cfg)
+    ref_leaves = [f.double().requires_grad_(True) for f in feats]
+    ref = ref_loss(ref_leaves, cfg)
+    for key in ("orth", "mi", "disp", "div", "pairs_used"):
+        assert out[key].dtype == torch.float32
+        _close(out[key], ref[key])
+    assert out["blocks_skipped"] == len(bad)
+    # gradients: match the reference autograd on valid blocks, exactly zero on invalid ones
+    out["div"].backward()
+    ref_grads = []
+    if ref["div"].grad_fn is not None:
+        ref_grads = torch.autograd.grad(ref["div"], ref_leaves, allow_unused=True)
+    for k, leaf in enumerate(leaves):
+        expected = ref_grads[k] if ref_grads and ref_grads[k] is not None else None
+        if expected is None or k in bad:
+            assert leaf.grad is None or not leaf.grad.any(), k
+        else:
+            _close(leaf.grad, expected, tol=1e-4)
+
+
+def test_matches_reference_xl_wraparound() -> None:
+    cfg = DiversityConfig(pair_encoder_depth=12)
+    feats = _feats(28, seed=3, shape=(1, 2, 4))
+    feats[26][0, 0, 0] = math.nan  # drops (25,26): the walk picks up (25, 8)
+    out, ref = diversity_loss(feats, cfg), ref_loss(feats, cfg)
+    assert ref_pairs(feats, cfg)[-1] == (25, 8)
+    for key in ("orth", "mi", "disp", "div", "pairs_used"):
+        _close(out[key], ref[key])
+
+
+def test_all_blocks_bad_gives_zero_finite_result() -> None:
+    feats = [torch.full((2, 3, 4), math.nan) for _ in range(12)]
+    out = diversity_loss(feats, DiversityConfig())
+    for key in ("orth", "mi", "disp", "div", "loss", "pairs_used"):
+        assert out[key] == 0
+    assert out["blocks_skipped"] == 12
+
+
+def test_single_block_is_zero() -> None:
+    out = diversity_loss([torch.randn(2, 3, 4)], DiversityConfig())
+    assert out["div"] == 0 and out["pairs_used"] == 0
+
+
+# --------------------------------------------------------------------------- analytic cases
+def test_identical_blocks_orth_and_mi_are_one() -> None:
+    x = torch.randn(2, 5, 8) + 0.3
+    feats = [x.clone() for _ in range(12)]
+    out = diversity_loss(feats, DiversityConfig())
+    _close(out["orth"], torch.tensor(1.0))
+    _close(out["mi"], torch.tensor(1.0))
+    _close(out["disp"], ref_loss(feats, DiversityConfig())["disp"])
+    _close(out["div"], (2 + out["disp"]) / 3)
+
+
+def test_orth_signs() -> None:
+    cfg = DiversityConfig(pairs="star", terms=("orth", "mi"))
+    x = torch.randn(2, 5, 8) + 1.0
+    out = diversity_loss([x, -x], cfg)
+    _close(out["orth"], torch.tensor(-1.0))
+    _close(out["mi"], torch.tensor(1.0))  # |mean cos| = |−1|
+    assert out["pairs_used"] == 1
+    u, v = torch.zeros(8), torch.zeros(8)
+    u[0], v[1] = 2.0, -3.0  # constant tokens with orthogonal means
+    out = diversity_loss([u.expand(2, 5, 8), v.expand(2, 5, 8)], cfg)
+    _close(out["orth"], torch.tensor(0.0))
+    _close(out["mi"], torch.tensor(0.0))
+    sq = diversity_loss([x, -x], DiversityConfig(pairs="star", orth_form="squared"))
+    _close(sq["orth"], torch.tensor(1.0))
+
+
+def test_mi_is_token_aligned() -> None:
+    cfg = DiversityConfig(pairs="star", terms=("orth", "mi"))
+    a = torch.randn(2, 6, 8)
+    b = a + 0.3 * torch.randn(2, 6, 8)
+    base = diversity_loss([a, b], cfg)
+    shuffled = diversity_loss([a, b[:, torch.randperm(6)]], cfg)
+    assert abs(float(shuffled["mi"]) - float(base["mi"])) > 1e-2
+    _close(shuffled["orth"], base["orth"])  # pooled means do not see the token order
+    perm = torch.randperm(8)
+    joint = diversity_loss([a[..., perm], b[..., perm]], cfg)
+    _close(joint["mi"], base["mi"])
+    _close(joint["orth"], base["orth"])
+
+
+def test_mi_abs_of_mean_versus_mean_of_abs() -> None:
+    a = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    b = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])  # row cosines +1 and −1
+    cfg = DiversityConfig(pairs="star", terms=("mi",), weights=(0.0, 1.0, 0.0))
+    _close(diversity_loss([a, b], cfg)["mi"], torch.tensor(0.0))
+    cfg = DiversityConfig(pairs="star", terms=("mi",), mi_form="mean_of_abs")
+    _close(diversity_loss([a, b], cfg)["mi"], torch.tensor(1.0))
+
+
+def test_disp_hand_computed_and_properties() -> None:
+    cfg = DiversityConfig(terms=("disp",))
+    # channel 0 = [3, 4] -> 7/(2·5) = 0.7; channel 1 = [1, 0] -> 1/(2·1) = 0.5; u ∝ [1, 5/7]
+    x = torch.tensor([[[3.0, 1.0], [4.0, 0.0]]])
+    _close(diversity_loss([x, x.clone()], cfg)["disp"], torch.tensor(-4 / 49))
+    # uniform usage (all |x| equal) -> 0
+    signs = torch.randint(0, 2, (2, 5, 6)).float() * 2 - 1
+    _close(diversity_loss([signs, -signs, 3 * signs], cfg)["disp"], torch.tensor(0.0))
+    # half the channels silent -> two-point usage {0, 1}, variance 0.25 -> −1; finite
+    half = signs.clone()
+    half[..., :3] = 0
+    _close(diversity_loss([half, 2 * half], cfg)["disp"], torch.tensor(-1.0), tol=1e-6)
+    # invariant to per-block, per-channel positive rescaling; within [−1, 0]
+    feats = [f.exp() * torch.randn(8).sign() for f in _feats(6, seed=5)]
+    base = diversity_loss(feats, cfg)["disp"]
+    scaled = [f * (torch.rand(8) * 50 + 0.01) for f in feats]
+    _close(diversity_loss(scaled, cfg)["disp"], base)
+    assert -1.0 <= float(base) < 0.0
+    # fewer than two valid blocks -> 0
+    one_bad = [feats[0], torch.full_like(feats[1], math.nan)]
+    assert diversity_loss(one_bad, cfg)["disp"] == 0
+
+
+def test_disp_paper_form_range() -> None:
+    cfg = DiversityConfig(terms=("disp",), disp_form="mean_activation_variance")
+    e0 = torch.zeros(1, 4, 8)
+    e0[..., 0] = 1.0  # every token = e_0: channel means (1, 0, …) -> D·Var = 1 − 1/D
+    _close(diversity_loss([e0, e0], cfg)["disp"], torch.tensor(-(1 - 1 / 8)))
+    feats = _feats(5, seed=2)
+    assert -1.0 <= float(diversity_loss(feats, cfg)["disp"]) <= 0.0
+
+
+# --------------------------------------------------------------------------- adaptive weight
+def _w(values, cfg: DiversityConfig) -> list[float]:
+    return adaptive_weight(torch.tensor(values), cfg).tolist()
+
+
+def test_adaptive_weight_values() -> None:
+    got = _w([0.05, 0.1, 0.3, 0.5, 0.5 + 1e-6, 0.6], DiversityConfig())
+    assert got == pytest.approx([0.0, 0.0, 0.4, 0.8, 1.0, 1.0], abs=1e-6)
+    custom = DiversityConfig(adaptive_low=0.2, adaptive_high=0.7)
+    got = _w([0.2, 0.45, 0.65, 0.7, 0.7 + 1e-6], custom)
+    assert got == pytest.approx([0.0, 0.5, 0.9, 1.0, 1.0], abs=1e-6)
+    cont = DiversityConfig(adaptive_low=0.3, adaptive_high=0.9, adaptive_denominator=0.6)
+    assert _w([0.6, 0.9], cont) == pytest.approx([0.5, 1.0], abs=1e-6)
+    const = DiversityConfig(adaptive=False, lambda_div=0.25)
+    assert _w([-0.3, 0.05, 0.6], const) == pytest.approx([0.25] * 3)
+
+
+@pytest.mark.parametrize("mode", ["live", "detached", "constant"])
+def test_adaptive_weight_gradient(mode: str) -> None:
+    if mode == "constant":
+        cfg = DiversityConfig(adaptive=False, lambda_div=0.7)
+    else:
+        cfg = DiversityConfig(adaptive_weight_grad=mode)
+    for value in (0.05, 0.3, 0.45, 0.6):
+        lv = torch.tensor(value, requires_grad=True)
+        (adaptive_weight(lv, cfg) * lv).backward()
+        if mode == "constant":
+            expected = 0.7
+        elif value <= 0.1:
+            expected = 0.0
+        elif value > 0.5:
+            expected = 1.0
+        else:
+            expected = (2 * value - 0.1) / 0.5 if mode == "live" else (value - 0.1) / 0.5
+        assert float(lv.grad) == pytest.approx(expected, abs=1e-5), (mode, value)
+
+
+def test_loss_is_weight_times_div() -> None:
+    x = torch.randn(2, 4, 8) + 0.5
+    feats = [x + 0.05 * torch.randn(2, 4, 8) for _ in range(12)]  # similar blocks: L_div ≈ 0.6
+    out = diversity_loss(feats, DiversityConfig())
+    assert float(out["div"]) > 0.5 and out["weight"] == 1.0
+    _close(out["loss"], out["div"])
+    const = diversity_loss(feats, DiversityConfig(adaptive=False, lambda_div=2.0))
+    _close(const["loss"], 2.0 * const["div"])
+
+
+# --------------------------------------------------------------------------- numerics / policies
+def test_fp16_extremes_stay_finite() -> None:
+    g = torch.Generator().manual_seed(0)
+    feats = []
+    for _ in range(12):
+        x = (torch.rand(2, 4, 8, generator=g) * 2 - 1) * 65504
+        x[..., :2] = 0  # all-zero channels
+        x[0, 0] = 0  # an all-zero token
+        feats.append(x.half().requires_grad_(True))
+    out = diversity_loss(feats, DiversityConfig())
+    ref = ref_loss([f.detach() for f in feats], DiversityConfig())
+    for key in ("orth", "mi", "disp", "div"):
+        assert torch.isfinite(out[key]) and out[key].dtype == torch.float32
+        _close(out[key], ref[key], tol=1e-4)
+    out["div"].backward()
+    assert all(torch.isfinite(f.grad).all() for f in feats)
+
+
+def test_autocast_stats_inherit_fp16_eps_underflow() -> None:
+    x = torch.randn(1, 4, 8)
+    x[0, 0] = 0  # all-zero token: ‖·‖ = 0 and eps = 1e-8 rounds to 0 in fp16 -> 0/0
+    feats = [x.half(), (x * 2).half()]
+    fp32 = diversity_loss(feats, DiversityConfig(pairs="star"))
+    assert torch.isfinite(fp32["mi"]) and fp32["div_nonfinite"] == 0
+    half = diversity_loss(feats, DiversityConfig(pairs="star", stats_dtype="autocast"))
+    assert torch.isnan(half["mi"]) and half["div"] == 0 and half["div_nonfinite"] == 1
+
+
+def test_bf16_under_autocast_returns_fp32_and_backprops() -> None:
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(2, 4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = [layer(x + 0.1 * k) for k in range(12)]
+        assert feats[0].dtype == torch.bfloat16
+        out = diversity_loss(feats, DiversityConfig())
+    ref = ref_loss([f.detach() for f in feats], DiversityConfig())
+    for key in ("orth", "mi", "disp", "div", "weight", "loss"):
+        assert out[key].dtype == torch.float32
+    for key in ("orth", "mi", "disp", "div"):
+        _close(out[key], ref[key], tol=1e-4)
+    out["div"].backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+    assert layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("noise", [0.05, 1.5])
+def test_gradients_flow_through_live_weight(noise: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 4, 8, generator=g) + 0.5
+    feats = [base + noise * torch.randn(2, 4, 8, generator=g) for _ in range(12)]
+    leaves = [f.clone().requires_grad_(True) for f in feats]
+    out = diversity_loss(leaves, DiversityConfig())
+    out["loss"].backward()
+    div = float(out["div"].detach())
+    factor = 1.0 if div > 0.5 else (2 * div - 0.1) / 0.5  # d(w·L)/dL, live weight
+    assert div > 0.1 and (div > 0.5) == (noise < 1)  # one case per band
+    fresh = [f.clone().requires_grad_(True) for f in feats]
+    div_grads = torch.autograd.grad(diversity_loss(fresh, DiversityConfig())["div"], fresh)
+    for leaf, gd in zip(leaves, div_grads, strict=True):  # L_disp reads every block
+        assert torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+        _close(leaf.grad, factor * gd, tol=1e-5)
+
+
+def test_raise_policy_names_blocks() -> None:
+    feats = _feats(12)
+    feats[3][0, 0, 0] = math.nan
+    feats[7][0, 0, 0] = math.inf
+    with pytest.raises(FloatingPointError, match=r"\[3, 7\]"):
+        diversity_loss(feats, DiversityConfig(nonfinite_policy="raise"))
+    clean = _feats(12)
+    _close(
+        diversity_loss(clean, DiversityConfig(nonfinite_policy="raise"))["div"],
+        ref_loss(clean, DiversityConfig())["div"],
+    )
+
+
+def test_zero_loss_policy() -> None:
+    cfg = DiversityConfig(nonfinite_policy="zero_loss")
+    clean = _feats(12)
+    _close(diversity_loss(clean, cfg)["div"], ref_loss(clean, DiversityConfig())["div"])
+    bad = [f.clone().requires_grad_(True) for f in clean]
+    with torch.no_grad():
+        bad[0][0, 0, 0] = math.nan  # block 0 is outside P but read by L_disp
+    out = diversity_loss(bad, cfg)
+    assert out["div"] == 0 and out["loss"] == 0 and out["div_nonfinite"] == 1
+    assert out["pairs_used"] == 0 and out["blocks_skipped"] == 1
+    out["div"].backward()
+    assert all(f.grad is None or not f.grad.any() for f in bad)
+
+
+def test_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    feats = _feats(12)
+    feats[2][0, 0, 0] = math.nan
+    feats = [f.requires_grad_(True) for f in feats]
+    cfgs = [DiversityConfig(), DiversityConfig(nonfinite_policy="zero_loss", mi_form="mean_of_abs")]
+    expected = [diversity_loss(feats, cfg) for cfg in cfgs]  # warms the index cache
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation / host data in diversity_loss")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "tensor", forbidden)  # index tensors come from the cache
+    outs = [diversity_loss(feats, cfg) for cfg in cfgs]
+    weights = adaptive_weight(outs[0]["div"], cfgs[0])
+    monkeypatch.undo()
+    for out, exp in zip(outs, expected, strict=True):
+        for key in exp:
+            _close(out[key], exp[key])
+    _close(weights, expected[0]["weight"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_no_sync_and_matches_cpu() -> None:
+    feats = _feats(12, shape=(4, 16, 32))
+    feats[5][0, 0, 0] = math.nan
+    cuda = [f.cuda().half().requires_grad_(True) for f in feats]
+    cfg = DiversityConfig()
+    diversity_loss(cuda, cfg)  # warm the index cache
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = diversity_loss(cuda, cfg)
+        out["div"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = diversity_loss([f.detach().cpu() for f in cuda], cfg)
+    for key in ("orth", "mi", "disp", "div", "pairs_used", "blocks_skipped"):
+        _close(out[key].cpu(), cpu[key], tol=1e-4)
+    assert torch.isfinite(cuda[5].grad).all() and not cuda[5].grad.any()
+
+
+# --------------------------------------------------------------------------- config validation
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"terms": ("orth", "kl")}, "terms"),
+        ({"terms": ()}, "terms"),
+        ({"weights": (1.0, 1.0)}, "weights"),
+        ({"weights": (1.0, math.nan, 1.0)}, "weights"),
+        ({"orth_form": "cos"}, "orth_form"),
+        ({"mi_form": "x"}, "mi_form"),
+        ({"disp_form": "x"}, "disp_form"),
+        ({"eps": 0.0}, "eps"),
+        ({"stats_dtype": "bf16"}, "stats_dtype"),
+        ({"pairs": "ring"}, "pairs"),
+        ({"pair_encoder_depth": 0}, "pair_encoder_depth"),
+        ({"explicit_pairs": ((1, 1),)}, "explicit_pairs"),
+        ({"pairs": "explicit"}, "explicit_pairs"),
+        ({"max_pairs": -1}, "max_pairs"),
+        ({"nonfinite_policy": "ignore"}, "nonfinite_policy"),
+        ({"adaptive": 1}, "adaptive"),
+        ({"adaptive_low": 0.5, "adaptive_high": 0.5}, "adaptive_high"),
+        ({"adaptive_denominator": 0.0}, "adaptive_denominator"),
+        ({"adaptive_weight_grad": "stop"}, "adaptive_weight_grad"),
+        ({"lambda_div": math.inf}, "lambda_div"),
+    ],
+)
+def test_config_validation(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        DiversityConfig(**kwargs)
+
+
+def test_config_lists_become_tuples() -> None:
+    cfg = DiversityConfig(terms=["orth"], weights=[1, 0, 0], explicit_pairs=[[0, 1]])
+    assert cfg.terms == ("orth",) and cfg.weights == (1.0, 0.0, 0.0)
+    assert cfg.explicit_pairs == ((0, 1),)
+    hash(cfg)
