@@ -349,6 +349,16 @@ def test_loss_is_weight_times_div() -> None:
     _close(const["loss"], 2.0 * const["div"])
 
 
+def test_release_clamp_at_five() -> None:
+    x = torch.randn(2, 4, 8) + 1.0
+    feats = [x.clone().requires_grad_(True) for _ in range(12)]
+    cfg = DiversityConfig(terms=("orth",), weights=(10.0, 0.0, 0.0))  # 10·L_orth = 10
+    out = diversity_loss(feats, cfg)
+    assert out["div"] == 5.0 and out["loss"] == 5.0
+    out["loss"].backward()
+    assert all(f.grad is None or not f.grad.any() for f in feats)
+
+
 # --------------------------------------------------------------------------- numerics / policies
 def test_fp16_extremes_stay_finite() -> None:
     g = torch.Generator().manual_seed(0)
@@ -518,3 +528,54 @@ def test_config_lists_become_tuples() -> None:
     assert cfg.terms == ("orth",) and cfg.weights == (1.0, 0.0, 0.0)
     assert cfg.explicit_pairs == ((0, 1),)
     hash(cfg)
+
+
+def _stats_reference(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The autograd chain that _BlockStats fuses."""
+    fh = torch.nn.functional.normalize(x, dim=-1, eps=EPS)
+    flat = fh.flatten(1)
+    return (
+        x.mean(1),
+        flat @ flat.T,
+        fh.mean(1),
+        torch.linalg.vector_norm(x, ord=1, dim=1),
+        torch.linalg.vector_norm(x, ord=2, dim=1),
+    )
+
+
+def test_block_stats_values_and_gradients() -> None:
+    from diversedit.losses.diversity import _BlockStats
+
+    g = torch.Generator().manual_seed(0)
+    need = (True, True, True, True)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    stats = lambda t: _BlockStats.apply(t, EPS, torch.float64, need)  # noqa: E731
+    assert torch.autograd.gradcheck(stats, (x,))
+    x = x.detach().clone()
+    x[1, 2], x[2, 0] = 0.0, 1e-9  # a zero row and a row whose norm is clamped to eps
+    x[0, :, 3] = 0.0  # an all-zero channel
+    x.requires_grad_(True)
+    weights = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in _stats_reference(x)]
+    for flags in [need, (True, False, False, False), (False, True, False, True)]:
+        got = _BlockStats.apply(x, EPS, torch.float64, flags)
+        want = _stats_reference(x)
+        used = [i for i, f in enumerate(flags) if f] + ([4] if flags[3] else [])
+        for i in used:
+            assert torch.allclose(got[i], want[i], rtol=1e-12, atol=1e-12), i
+        (g_got,) = torch.autograd.grad(sum((got[i] * weights[i]).sum() for i in used), x)
+        (g_want,) = torch.autograd.grad(sum((want[i] * weights[i]).sum() for i in used), x)
+        assert torch.allclose(g_got, g_want, rtol=1e-10, atol=1e-5), flags
+    # low-precision input: fp32 statistics of the exact upcast, gradient rounded once
+    xb = x.detach().bfloat16().requires_grad_(True)
+    got = _BlockStats.apply(xb, EPS, torch.float32, need)
+    want = _stats_reference(xb.detach().double().requires_grad_(True))
+    assert all(t.dtype == torch.float32 for t in got)
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6)
+    sum((t * w.float()).sum() for t, w in zip(got, weights, strict=True)).backward()
+    xd = xb.detach().double().requires_grad_(True)
+    (g_want,) = torch.autograd.grad(
+        sum((t * w).sum() for t, w in zip(_stats_reference(xd), weights, strict=True)), xd
+    )
+    assert xb.grad.dtype == torch.bfloat16
+    assert torch.allclose(xb.grad.double(), g_want, rtol=1e-2, atol=1e-2 * g_want.abs().max())

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from diversedit.models import SiT, config_from_state_dict, create_model, model_config
 
 TINY = dict(depth=6, hidden_size=32, num_heads=4, input_size=8, patch_size=2, num_classes=10)
@@ -28,14 +27,23 @@ def perturb(model, scale=0.05, seed=1):
 
 def inputs(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, 8, 8, generator=g), torch.rand(n, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return (
+        torch.randn(n, 4, 8, 8, generator=g),
+        torch.rand(n, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+    )
 
 
 # --- registry -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "name, params, long_skip_extra",
-    [("SiT-B/2", 130e6, 7_100_928), ("SiT-L/2", 458e6, 25_227_264), ("SiT-XL/2", 675e6, 37_239_552)],
+    [
+        ("SiT-B/2", 130e6, 7_100_928),
+        ("SiT-L/2", 458e6, 25_227_264),
+        ("SiT-XL/2", 675e6, 37_239_552),
+    ],
 )
 def test_published_parameter_counts(name, params, long_skip_extra):
     with torch.device("meta"):  # no allocation
@@ -61,6 +69,7 @@ def test_registry_names_and_custom_sizes():
 
 # --- initialisation -----------------------------------------------------------------------------
 
+
 def test_adaln_zero_output_is_zero_at_init():
     for kw in ({}, {"long_skip": True}, {"z_dims": (16,), "encoder_depth": 2}):
         out = tiny(**kw)(*inputs())
@@ -74,7 +83,9 @@ def test_position_embedding_is_frozen_sincos():
     # token (row 1, col 2) of a 4×4 grid: first half encodes the column, second half the row
     d4 = 32 // 4
     omega = 1.0 / 10000 ** (torch.arange(d4, dtype=torch.float64) / d4)
-    expect = torch.cat([torch.sin(2 * omega), torch.cos(2 * omega), torch.sin(omega), torch.cos(omega)])
+    expect = torch.cat(
+        [torch.sin(2 * omega), torch.cos(2 * omega), torch.sin(omega), torch.cos(omega)]
+    )
     torch.testing.assert_close(pos[1 * 4 + 2].double(), expect, atol=1e-6, rtol=0)
 
 
@@ -82,22 +93,40 @@ def test_long_skip_init_modes():
     xavier = tiny(long_skip=True)
     w = xavier.skip_linears[0].linear.weight
     bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))
-    assert w.abs().max() <= bound and w.std() > bound / 3 and xavier.skip_linears[0].linear.bias.abs().max() == 0
+    assert (
+        w.abs().max() <= bound
+        and w.std() > bound / 3
+        and xavier.skip_linears[0].linear.bias.abs().max() == 0
+    )
     ident = tiny(long_skip=True, long_skip_init="identity_like")
     w = ident.skip_linears[0].linear.weight
     assert torch.equal(w[:, :32], torch.eye(32)) and torch.count_nonzero(w[:, 32:]) == 0
-    assert torch.count_nonzero(tiny(long_skip=True, long_skip_init="zero").skip_linears[0].linear.weight) == 0
+    assert (
+        torch.count_nonzero(
+            tiny(long_skip=True, long_skip_init="zero").skip_linears[0].linear.weight
+        )
+        == 0
+    )
 
 
 # --- long residual connections --------------------------------------------------------------------
 
-@pytest.mark.parametrize("depth, expected", [
-    (12, [(6, 5), (7, 4), (8, 3), (9, 2), (10, 1), (11, 0)]),
-    (24, [(k, 23 - k) for k in range(12, 24)]),
-    (28, [(k, 27 - k) for k in range(14, 28)]),
-])
+
+@pytest.mark.parametrize(
+    "depth, expected",
+    [
+        (12, [(6, 5), (7, 4), (8, 3), (9, 2), (10, 1), (11, 0)]),
+        (24, [(k, 23 - k) for k in range(12, 24)]),
+        (28, [(k, 27 - k) for k in range(14, 28)]),
+    ],
+)
 def test_fusion_pairs(depth, expected):
-    assert model_config("custom", depth=depth, hidden_size=32, num_heads=4, long_skip=True).fusion_pairs == expected
+    assert (
+        model_config(
+            "custom", depth=depth, hidden_size=32, num_heads=4, long_skip=True
+        ).fusion_pairs
+        == expected
+    )
     assert model_config("custom", depth=depth, hidden_size=32, num_heads=4).fusion_pairs == []
 
 
@@ -143,7 +172,9 @@ def reference_forward(sd, cfg, x, t, y):
         b = f"blocks.{k}."
         mod = lin(F.silu(c), b + "adaLN_modulation.1").chunk(6, -1)
         a = ln(h) * (1 + mod[1][:, None]) + mod[0][:, None]
-        q, kk, v = lin(a, b + "attn.qkv").reshape(n, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        q, kk, v = (
+            lin(a, b + "attn.qkv").reshape(n, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        )
         att = torch.softmax(q @ kk.transpose(-1, -2) / math.sqrt(d // heads), -1) @ v
         h = h + mod[2][:, None] * lin(att.transpose(1, 2).reshape(n, -1, d), b + "attn.proj")
         a = ln(h) * (1 + mod[4][:, None]) + mod[3][:, None]
@@ -152,7 +183,9 @@ def reference_forward(sd, cfg, x, t, y):
         if cfg.long_skip and k >= L // 2:
             j = k - L // 2
             cat = torch.cat([h, stack.pop()], -1)  # (deep, shallow)
-            cat = F.layer_norm(cat, (2 * d,), sd[f"skip_norms.{j}.weight"], sd[f"skip_norms.{j}.bias"], 1e-6)
+            cat = F.layer_norm(
+                cat, (2 * d,), sd[f"skip_norms.{j}.weight"], sd[f"skip_norms.{j}.bias"], 1e-6
+            )
             h = lin(cat, f"skip_linears.{j}.linear")
         elif cfg.long_skip:
             stack.append(h)
@@ -182,7 +215,11 @@ def test_concat_order_shallow_first_is_a_permutation():
     shallow = tiny(long_skip=True, long_skip_concat_order="shallow_first").eval()
     sd = deep.state_dict()
     for j in range(3):  # swap the halves of every fusion's input
-        for key in (f"skip_linears.{j}.linear.weight", f"skip_norms.{j}.weight", f"skip_norms.{j}.bias"):
+        for key in (
+            f"skip_linears.{j}.linear.weight",
+            f"skip_norms.{j}.weight",
+            f"skip_norms.{j}.bias",
+        ):
             sd[key] = torch.cat(sd[key].split(32, dim=-1)[::-1], dim=-1)
     shallow.load_state_dict(sd)
     x, t, y = inputs()
@@ -199,6 +236,7 @@ def test_fusion_dtype_option_under_autocast():
 
 
 # --- taps ---------------------------------------------------------------------------------------
+
 
 def test_feature_taps():
     model = perturb(tiny(long_skip=True, z_dims=(16, 8), encoder_depth=2, projector_dim=24)).eval()
@@ -250,14 +288,25 @@ def test_meanflow_interval_embedding_and_sra_head():
 # --- checkpoints --------------------------------------------------------------------------------
 
 REPA_TINY_KEYS = {
-    "pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
-    "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight",
-    "t_embedder.mlp.2.bias", "y_embedder.embedding_table.weight",
-    "final_layer.linear.weight", "final_layer.linear.bias",
-    "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
+    "pos_embed",
+    "x_embedder.proj.weight",
+    "x_embedder.proj.bias",
+    "t_embedder.mlp.0.weight",
+    "t_embedder.mlp.0.bias",
+    "t_embedder.mlp.2.weight",
+    "t_embedder.mlp.2.bias",
+    "y_embedder.embedding_table.weight",
+    "final_layer.linear.weight",
+    "final_layer.linear.bias",
+    "final_layer.adaLN_modulation.1.weight",
+    "final_layer.adaLN_modulation.1.bias",
     *(f"projectors.0.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")),
-    *(f"blocks.{k}.{m}.{w}" for k in range(2) for w in ("weight", "bias")
-      for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")),
+    *(
+        f"blocks.{k}.{m}.{w}"
+        for k in range(2)
+        for w in ("weight", "bias")
+        for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+    ),
 }
 
 
@@ -267,20 +316,29 @@ def test_state_dict_names_match_repa_and_release():
     assert set(m.state_dict()) == REPA_TINY_KEYS
     m = create_model("custom", **(TINY | {"depth": 2, "long_skip": True}))
     extra = set(m.state_dict()) - REPA_TINY_KEYS
-    assert extra == {"skip_linears.0.linear.weight", "skip_linears.0.linear.bias",
-                     "skip_norms.0.weight", "skip_norms.0.bias"}
+    assert extra == {
+        "skip_linears.0.linear.weight",
+        "skip_linears.0.linear.bias",
+        "skip_norms.0.weight",
+        "skip_norms.0.bias",
+    }
 
 
-@pytest.mark.parametrize("kw", [
-    {},
-    {"long_skip": True, "z_dims": (16,), "encoder_depth": 3},
-    {"qk_norm": True, "interval_embedding": True},
-    {"long_skip": True, "long_skip_norm": "none", "class_dropout_prob": 0.0},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"long_skip": True, "z_dims": (16,), "encoder_depth": 3},
+        {"qk_norm": True, "interval_embedding": True},
+        {"long_skip": True, "long_skip_norm": "none", "class_dropout_prob": 0.0},
+    ],
+)
 def test_config_from_state_dict_round_trip(kw):
     model = perturb(tiny(**kw)).eval()
     sd = {"module." + k: v for k, v in model.state_dict().items()}  # a DDP-saved checkpoint
-    cfg = config_from_state_dict(sd, num_heads=4, encoder_depth=model.config.encoder_depth, num_classes=10)
+    cfg = config_from_state_dict(
+        sd, num_heads=4, encoder_depth=model.config.encoder_depth, num_classes=10
+    )
     assert cfg == model.config
     clone = SiT(cfg).eval()
     clone.load_state_dict(model.state_dict())  # strict

@@ -238,6 +238,9 @@ def test_guidance_interval_euler_and_heun() -> None:
     model.calls.clear()
     euler_sampler(model, noise(n, dtype=torch.float32), labels(n), num_steps=4, cfg_scale=1.0)
     assert {b for b, _ in model.calls} == {n}  # cfg 1: never doubled
+    model.calls.clear()
+    euler_sampler(model, noise(n, dtype=torch.float32), labels(n), num_steps=4, cfg_scale=0.5)
+    assert {b for b, _ in model.calls} == {n}  # REPA guides only when cfg > 1
     with pytest.raises(ValueError):
         euler_sampler(model, noise(n), labels(n), num_steps=2, cfg_scale=1.5)
 

@@ -19,7 +19,7 @@ from torch import Tensor
 def _gram(x: Tensor) -> Tensor:
     """Centred float64 linear Gram matrix of ``x`` (n, ...) with its diagonal zeroed."""
     x = x.reshape(x.shape[0], -1).to(torch.float64)
-    x = x - x.mean(dim=0, keepdim=True)  # exact no-op for HSIC_1, but keeps float64 accurate
+    x = x - x.mean(dim=0, keepdim=True)  # HSIC_1 is shift-invariant; centring keeps it accurate
     return (x @ x.T).fill_diagonal_(0.0)
 
 

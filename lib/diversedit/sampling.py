@@ -55,7 +55,6 @@ def _double(value: Any, n: int) -> Any:
     return value
 
 
-@torch.no_grad()
 def guided_velocity(
     model: Callable[..., Any],
     x: Tensor,
@@ -74,7 +73,8 @@ def guided_velocity(
     [y; null_label] (batch-shaped tensors in ``model_kwargs`` are repeated too) and the result is
     u + cfg_scale·(c − u), on all channels or only the first ``guided_channels`` (the remaining
     channels take the conditional output). ``out_dtype``, if given, is the dtype the model output
-    is cast to before guidance is combined (the samplers use float64).
+    is cast to before guidance is combined (the samplers use float64). Not wrapped in no_grad, so
+    it can also serve training-time guidance targets.
     """
     if cfg_scale == 1.0:
         out = _first(model(x, t, y, **model_kwargs))

@@ -9,6 +9,11 @@ pair set is the first ``max_pairs`` valid candidates (cumsum over a validity mas
 list) and a non-finite L_div becomes 0 through ``torch.where``. No ``.item()`` or branching on
 tensor values happens for the ``skip`` and ``zero_loss`` policies; index tensors are cached per
 (L, config, device), so only the first call on a device copies host data to it.
+
+The blocks are stacked once in their own dtype; one autograd Function reduces the stack to small
+per-block statistics in float32 (token means, the Gram matrix of row-normalised blocks, which
+gives L_MI of every pair in one matmul, and column norms) and builds the input gradient in one
+float32 buffer, so no float32 copy of the features is kept alive.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 TERMS = ("orth", "mi", "disp")
 ORTH_FORMS = ("signed", "abs", "squared")
@@ -175,42 +181,27 @@ def select_pairs(num_blocks: int, cfg: DiversityConfig) -> list[tuple[int, int]]
 
 
 class _Plan(NamedTuple):
-    blocks: tuple[int, ...]  # block ids stacked into X, ascending
-    pair_lo: int  # X[pair_lo:pair_hi] holds the pair blocks when pair_index is None
-    pair_hi: int
-    pair_index: Tensor | None  # else gather X[pair_index]
-    cand_a: Tensor  # candidate pairs as rows of the pair-block stack
+    blocks: tuple[int, ...]  # block ids stacked for the loss, ascending
+    cand_a: Tensor  # candidate pairs as positions in that stack
     cand_b: Tensor
     cap: int
 
 
 @lru_cache(maxsize=64)
 def _plan(num_blocks: int, cfg: DiversityConfig, device: torch.device) -> _Plan:
-    uses_pairs = "orth" in cfg.terms or "mi" in cfg.terms
     cands: list[tuple[int, int]] = []
-    if uses_pairs:
+    if "orth" in cfg.terms or "mi" in cfg.terms:
         # raise / zero_loss never skip, so only the first ``cap`` candidates can matter
         cands = candidate_pairs(num_blocks, cfg)
         if cfg.nonfinite_policy != "skip":
             cands = cands[: _cap(num_blocks, cfg)]
     pair_blocks = sorted({k for p in cands for k in p})
-    blocks = range(num_blocks) if "disp" in cfg.terms else pair_blocks
+    blocks = tuple(range(num_blocks)) if "disp" in cfg.terms else tuple(pair_blocks)
     pos = {k: i for i, k in enumerate(blocks)}
-    rows = [pos[k] for k in pair_blocks]
-    contiguous = not rows or rows == list(range(rows[0], rows[0] + len(rows)))
-    lo = rows[0] if rows else 0
-    sub = {k: i for i, k in enumerate(pair_blocks)}
-
-    def idx(values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
-
     return _Plan(
-        blocks=tuple(blocks),
-        pair_lo=lo,
-        pair_hi=lo + len(rows),
-        pair_index=None if contiguous else idx(rows),
-        cand_a=idx([sub[a] for a, _ in cands]),
-        cand_b=idx([sub[b] for _, b in cands]),
+        blocks=blocks,
+        cand_a=torch.tensor([pos[a] for a, _ in cands], dtype=torch.long, device=device),
+        cand_b=torch.tensor([pos[b] for _, b in cands], dtype=torch.long, device=device),
         cap=_cap(num_blocks, cfg),
     )
 
@@ -228,55 +219,118 @@ def adaptive_weight(l_div: Tensor, cfg: DiversityConfig) -> Tensor:
     return torch.where(x > cfg.adaptive_high, 1.0, torch.where(x > cfg.adaptive_low, ramp, 0.0))
 
 
+class _BlockStats(torch.autograd.Function):
+    """Per-block reductions of a (B, M, D) stack, accumulated in ``dtype``.
+
+    Returns μ (B, D) token means, G (B, B) = F̂F̂ᵀ over flattened row-normalised blocks
+    (F̂ = row / max(‖row‖, eps)), the row means of F̂ (B, D) and the column L1 and L2 norms
+    (B, D); ``need`` switches each off. Values and gradients equal the ``mean`` / ``F.normalize``
+    / matmul / ``vector_norm`` chain, but no ``dtype`` copy of the stack is kept: F̂ is recomputed
+    in the backward, which builds the input gradient in one ``dtype`` buffer and rounds it once.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float, dtype: torch.dtype, need: tuple[bool, ...]):
+        want_mu, want_gram, want_fmean, want_cols = need
+
+        def none() -> Tensor:  # placeholder output (distinct tensors for autograd)
+            return x.new_zeros(0, dtype=dtype)
+
+        mu = x.mean(dim=1, dtype=dtype) if want_mu else none()
+        gram, fmean, inv = none(), none(), none()
+        if want_gram or want_fmean:
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype)
+            inv = torch.where(norm >= eps, 1.0 / norm.clamp_min(eps), -1.0 / eps)  # sign = clamped
+            fh = x * inv.abs()
+            if want_gram:
+                flat = fh.flatten(1)
+                gram = flat @ flat.T
+            if want_fmean:
+                fmean = fh.mean(dim=1)
+            del fh
+        l1, l2 = none(), none()
+        if want_cols:
+            l1 = torch.linalg.vector_norm(x, ord=1, dim=1, dtype=dtype)
+            l2 = torch.linalg.vector_norm(x, ord=2, dim=1, dtype=dtype)
+        ctx.save_for_backward(x, inv, l2)
+        ctx.need, ctx.dtype = need, dtype
+        return mu, gram, fmean, l1, l2
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_mu, g_gram, g_fmean, g_l1, g_l2):
+        x, inv, l2 = ctx.saved_tensors
+        want_mu, want_gram, want_fmean, want_cols = ctx.need
+        rows = x.shape[1]
+        if want_gram or want_fmean:
+            scale = inv.abs()
+            fh = x * scale
+            if want_gram:
+                grad = ((g_gram + g_gram.T) @ fh.flatten(1)).view_as(fh)
+                if want_fmean:
+                    grad.add_(g_fmean[:, None] / rows)
+            else:
+                grad = (g_fmean[:, None] / rows).expand_as(fh).clone()
+            # d f̂/dx = (I − f̂ f̂ᵀ)/‖x‖ on unclamped rows, I/eps on clamped ones
+            radial = (grad * fh).sum(dim=-1, keepdim=True) * (inv > 0)
+            grad.addcmul_(fh, radial, value=-1.0).mul_(scale)
+            del fh
+        else:
+            grad = torch.zeros(x.shape, dtype=ctx.dtype, device=x.device)
+        if want_mu:
+            grad.add_(g_mu[:, None] / rows)
+        if want_cols:
+            grad.addcmul_(x.sign(), g_l1[:, None])
+            grad.addcmul_(x, torch.where(l2 > 0, g_l2 / l2, 0.0)[:, None])
+        return grad.to(x.dtype), None, None, None
+
+
 def _pair_terms(
-    xp: Tensor, plan: _Plan, cfg: DiversityConfig, valid: Tensor, zero: Tensor
+    x: Tensor, stats: tuple[Tensor, ...], plan: _Plan, cfg: DiversityConfig, valid: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """L_orth, L_MI and the number of pairs used, from Gram matrices over the pair blocks."""
-    b, rows, _ = xp.shape
+    """L_orth, L_MI and the number of pairs used, read off block Gram matrices."""
+    mu, gram = stats[0], stats[1]
     ca, cb = plan.cand_a, plan.cand_b
     pair_ok = valid[ca] & valid[cb]
     if cfg.nonfinite_policy == "skip":  # the release takes the first ``cap`` valid candidates
         chosen = pair_ok & (torch.cumsum(pair_ok, 0) <= plan.cap)
     else:  # fixed P; invalid blocks are zeroed, so their terms are finite
         chosen = torch.ones_like(pair_ok)
-    weight = chosen.to(xp.dtype)
+    weight = chosen.to(mu.dtype)  # every statistic has the statistics dtype
     used = weight.sum()
     denom = used.clamp_min(1.0)
-    orth = mi = zero
+    orth = mi = used.new_zeros(())
     if "orth" in cfg.terms:
-        mu = F.normalize(xp.mean(dim=1), dim=-1, eps=cfg.eps)
-        cos = (mu @ mu.T)[ca, cb]
+        unit = F.normalize(mu, dim=-1, eps=cfg.eps)
+        cos = (unit @ unit.T)[ca, cb]
         cos = {"signed": cos, "abs": cos.abs(), "squared": cos.square()}[cfg.orth_form]
         orth = (cos * weight).sum() / denom
     if "mi" in cfg.terms:
-        fh = F.normalize(xp, dim=-1, eps=cfg.eps)
-        if cfg.mi_form == "abs_of_mean":  # c(a,b) = <vec f̂_a, vec f̂_b> / M, one Gram matmul
-            flat = fh.reshape(b, -1)
-            c = ((flat @ flat.T) / rows)[ca, cb].abs()
-        else:  # mean over rows of |row cosine|
+        rows = x.shape[1]
+        if cfg.mi_form == "abs_of_mean":  # c(a,b) = <vec f̂_a, vec f̂_b> / M
+            c = (gram / rows)[ca, cb].abs()
+        else:  # mean over rows of |row cosine| (generic autograd path)
+            fh = F.normalize(x.to(weight.dtype), dim=-1, eps=cfg.eps)
             c = torch.einsum("amd,bmd->abm", fh, fh).abs().mean(dim=-1)[ca, cb]
         mi = (c * weight).sum() / denom
     return orth, mi, used
 
 
-def _disp_term(x: Tensor, cfg: DiversityConfig, valid: Tensor) -> Tensor:
+def _disp_term(stats: tuple[Tensor, ...], cfg: DiversityConfig, valid: Tensor, rows: int) -> Tensor:
     """L_disp over all valid blocks (invalid blocks are already zero); 0 if < 2 are valid."""
-    rows, dim = x.shape[1], x.shape[2]
-    count = valid.sum().to(x.dtype)
+    fmean, l1, l2 = stats[2], stats[3], stats[4]
     if cfg.disp_form == "release_l1l2_usage":
         # a_k[c] = mean_r |X[r,c]| / max(||X[:,c]||, eps): column-normalised mean |activation|
-        l1 = torch.linalg.vector_norm(x, ord=1, dim=1)
-        l2 = torch.linalg.vector_norm(x, ord=2, dim=1).clamp_min(cfg.eps)
-        usage = (l1 / l2 / rows).sum(dim=0) / (count + cfg.eps)
+        count = valid.sum().to(l1.dtype)
+        usage = (l1 / l2.clamp_min(cfg.eps) / rows).sum(dim=0) / (count + cfg.eps)
         usage = usage / (usage.max() + cfg.eps)
         var = (usage - usage.mean()).square().mean()
         loss = -torch.clamp(var / 0.25, 0.0, 1.0)
     else:
         # paper reading: per-block channel means of row-normalised tokens, −D·Var over channels
-        inv = 1.0 / torch.linalg.vector_norm(x, dim=2).clamp_min(cfg.eps)
-        means = torch.einsum("km,kmd->kd", inv, x) / rows
-        var = (means - means.mean(dim=1, keepdim=True)).square().mean(dim=1)
-        loss = -dim * (var * valid.to(x.dtype)).sum() / count.clamp_min(1.0)
+        count = valid.sum().to(fmean.dtype)
+        var = (fmean - fmean.mean(dim=1, keepdim=True)).square().mean(dim=1)
+        loss = -fmean.shape[1] * (var * valid.to(var.dtype)).sum() / count.clamp_min(1.0)
     return torch.where(count >= 2, loss, 0.0)
 
 
@@ -310,18 +364,21 @@ def diversity_loss(features: Sequence[Tensor], cfg: DiversityConfig) -> dict[str
             if cfg.nonfinite_policy == "raise":
                 _raise_if_bad(valid, plan.blocks)  # host sync, documented
             x = x.masked_fill_(~valid[:, None, None], 0)  # no 0·NaN downstream
-            if fp32:
-                x = x.float()
             skipped = (~valid).sum().float()
             all_ok = valid.all()
-            if len(plan.cand_a):
-                if plan.pair_index is None:
-                    xp, vp = x[plan.pair_lo : plan.pair_hi], valid[plan.pair_lo : plan.pair_hi]
-                else:
-                    xp, vp = x[plan.pair_index], valid[plan.pair_index]
-                orth, mi, used = _pair_terms(xp, plan, cfg, vp, zero.to(x.dtype))
+            pairs = len(plan.cand_a) > 0
+            need = (
+                pairs and "orth" in cfg.terms,
+                pairs and "mi" in cfg.terms and cfg.mi_form == "abs_of_mean",
+                "disp" in cfg.terms and cfg.disp_form == "mean_activation_variance",
+                "disp" in cfg.terms and cfg.disp_form == "release_l1l2_usage",
+            )
+            dtype = torch.float32 if fp32 else x.dtype
+            stats = _BlockStats.apply(x, cfg.eps, dtype, need)
+            if pairs:
+                orth, mi, used = _pair_terms(x, stats, plan, cfg, valid)
             if "disp" in cfg.terms:
-                disp = _disp_term(x, cfg, valid)
+                disp = _disp_term(stats, cfg, valid, x.shape[1])
         orth, mi, disp = orth.float(), mi.float(), disp.float()
         parts = {"orth": orth, "mi": mi, "disp": disp}
         div = sum(w * parts[t] for t, w in zip(TERMS, cfg.weights, strict=True) if t in cfg.terms)

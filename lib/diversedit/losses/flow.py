@@ -32,7 +32,12 @@ def interpolant(t: Tensor, path: str = "linear") -> tuple[Tensor, Tensor, Tensor
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
     if path == "cosine":
         a = t * (math.pi / 2)
-        return torch.cos(a), torch.sin(a), -(math.pi / 2) * torch.sin(a), (math.pi / 2) * torch.cos(a)
+        return (
+            torch.cos(a),
+            torch.sin(a),
+            -(math.pi / 2) * torch.sin(a),
+            (math.pi / 2) * torch.cos(a),
+        )
     raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
 
 
@@ -55,7 +60,9 @@ def expand_like(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def noisy_input(x0: Tensor, noise: Tensor, t: Tensor, path: str = "linear") -> tuple[Tensor, Tensor]:
+def noisy_input(
+    x0: Tensor, noise: Tensor, t: Tensor, path: str = "linear"
+) -> tuple[Tensor, Tensor]:
     """The interpolant x_t and the velocity target d alpha·x0 + d sigma·noise."""
     alpha, sigma, d_alpha, d_sigma = interpolant(expand_like(t, x0), path)
     return alpha * x0 + sigma * noise, d_alpha * x0 + d_sigma * noise

@@ -7,7 +7,7 @@ optional, the way the paper stacks DiverseDiT on SiT, REPA, MeanFlow, DispLoss a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ DIVERSITY_TAPS = ("post_fusion", "pre_fusion")
 class ObjectiveConfig:
     """Which terms make up the loss; ``None`` switches a term off."""
 
-    flow: FlowConfig = FlowConfig()
+    flow: FlowConfig = field(default_factory=FlowConfig)
     repa: RepaConfig | None = None
     diversity: DiversityConfig | None = None
     diversity_tap: str = "post_fusion"  # block features before or after the long-skip fusion
@@ -41,7 +41,9 @@ class ObjectiveConfig:
             raise ValueError("MeanFlow composes with diversity and dispersive terms only")
 
 
-def _drop_ids(model: nn.Module, n: int, device: torch.device, gen: torch.Generator | None) -> Tensor | None:
+def _drop_ids(
+    model: nn.Module, n: int, device: torch.device, gen: torch.Generator | None
+) -> Tensor | None:
     """Label-dropout mask drawn once per step so every forward of the step shares it."""
     p = model.config.class_dropout_prob
     if not model.training or p <= 0:
@@ -78,7 +80,9 @@ def compute_loss(
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t, target = noisy_input(x0, noise, t, cfg.flow.path)
         drop = _drop_ids(base, x0.shape[0], x0.device, generator)
-        out = model(x_t, t.to(x0.dtype), y, force_drop_ids=drop, return_aux=True, tap=cfg.diversity_tap)
+        out = model(
+            x_t, t.to(x0.dtype), y, force_drop_ids=drop, return_aux=True, tap=cfg.diversity_tap
+        )
         features = out.features
         total = flow_matching_loss(out.output, target).mean()
         terms["denoise"] = total
@@ -98,7 +102,9 @@ def compute_loss(
         if teacher is None:
             raise ValueError("SRA is on but no teacher (EMA model) was given")
         t_teacher = teacher_time(t, cfg.sra.t_max, generator=generator)
-        target_feats = teacher_features(teacher, x0, noise, t_teacher, y, drop, cfg.sra, cfg.flow.path)
+        target_feats = teacher_features(
+            teacher, x0, noise, t_teacher, y, drop, cfg.sra, cfg.flow.path
+        )
         terms["sra"] = sra_loss(out.sra, target_feats, cfg.sra).mean()
         total = total + cfg.sra.coeff * terms["sra"]
     terms = {k: v.detach() for k, v in terms.items()}

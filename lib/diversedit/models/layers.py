@@ -139,7 +139,7 @@ class FinalLayer(nn.Module):
 
 
 class FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 (input, weight and bias cast up), cast back to the input dtype."""
+    """LayerNorm computed in float32 (input, weight, bias cast up), cast back to the input dtype."""
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight.float() if self.weight is not None else None

@@ -126,8 +126,12 @@ class SiT(nn.Module):
         if cfg.long_skip:
             self.skip_linears = nn.ModuleList(SkipLinear(d) for _ in range(cfg.depth // 2))
             if cfg.long_skip_norm != "none":
-                norm = FP32LayerNorm if cfg.long_skip_norm == "layernorm_fp32_affine" else nn.LayerNorm
-                self.skip_norms = nn.ModuleList(norm(2 * d, eps=1e-6) for _ in range(cfg.depth // 2))
+                norm = (
+                    FP32LayerNorm if cfg.long_skip_norm == "layernorm_fp32_affine" else nn.LayerNorm
+                )
+                self.skip_norms = nn.ModuleList(
+                    norm(2 * d, eps=1e-6) for _ in range(cfg.depth // 2)
+                )
         self.x_embedder = PatchEmbed(cfg.input_size, cfg.patch_size, cfg.in_channels, d, bias=True)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
@@ -136,7 +140,9 @@ class SiT(nn.Module):
             SiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, cfg.fused_attn)
             for _ in range(cfg.depth)
         )
-        self.projectors = nn.ModuleList(build_projector(d, cfg.projector_dim, z) for z in cfg.z_dims)
+        self.projectors = nn.ModuleList(
+            build_projector(d, cfg.projector_dim, z) for z in cfg.z_dims
+        )
         self.final_layer = FinalLayer(d, cfg.patch_size, self.out_channels)
         if cfg.interval_embedding:
             self.h_embedder = TimestepEmbedder(d)
@@ -161,7 +167,9 @@ class SiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        embedders = [self.t_embedder] + ([self.h_embedder] if self.config.interval_embedding else [])
+        embedders = [self.t_embedder] + (
+            [self.h_embedder] if self.config.interval_embedding else []
+        )
         for emb in embedders:
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
@@ -276,14 +284,20 @@ def model_config(name: str = "SiT-XL/2", **overrides: Any) -> SiTConfig:
         depth, hidden, heads = SIZES[size]
         patch_size = int(patch)
     except (KeyError, ValueError):
-        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES} or 'custom'") from None
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {MODEL_NAMES} or 'custom'"
+        ) from None
     base = {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": patch_size}
     return SiTConfig(**(base | overrides))
 
 
 def create_model(name: str | SiTConfig = "SiT-XL/2", **overrides: Any) -> SiT:
     """Build a model by registry name (``create_model("SiT-B/2", long_skip=True)``) or config."""
-    cfg = name.replace(**overrides) if isinstance(name, SiTConfig) else model_config(name, **overrides)
+    cfg = (
+        name.replace(**overrides)
+        if isinstance(name, SiTConfig)
+        else model_config(name, **overrides)
+    )
     return SiT(cfg)
 
 
