@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from diversedit.losses.dispersive import DispersiveConfig, dispersive_loss
 from diversedit.losses.flow import noisy_input
 from diversedit.losses.meanflow import (
@@ -20,7 +22,6 @@ from diversedit.losses.meanflow import (
 )
 from diversedit.losses.sra import SRAConfig, sra_loss, teacher_features, teacher_time
 from diversedit.models.sit import create_model
-from torch import Tensor, nn
 
 NUM_CLASSES = 10
 

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diversedit.cka import MinibatchCKA, block_similarity, hsic1, linear_cka
 from torch import nn
+
+from diversedit.cka import MinibatchCKA, block_similarity, hsic1, linear_cka
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:

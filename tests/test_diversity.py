@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from diversedit.losses.diversity import (
     DiversityConfig,
     adaptive_weight,

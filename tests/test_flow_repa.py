@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from diversedit.losses.flow import (
     FlowConfig,
     flow_matching_loss,

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from diversedit.models import SiT, config_from_state_dict, create_model, model_config
 
 TINY = dict(depth=6, hidden_size=32, num_heads=4, input_size=8, patch_size=2, num_classes=10)

@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from torch import Tensor, nn
+
 from diversedit.sampling import (
     euler_maruyama_sampler,
     euler_sampler,
@@ -20,7 +22,6 @@ from diversedit.sampling import (
     score_from_velocity,
     sde_drift,
 )
-from torch import Tensor, nn
 
 MU, S = 1.5, 0.5
 SHAPE = (4, 2, 2)

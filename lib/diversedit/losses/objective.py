@@ -94,7 +94,7 @@ def compute_loss(
     if cfg.diversity is not None:
         div = diversity_loss(features, cfg.diversity)
         total = total + div["loss"]
-        terms |= {k if k == "div" else f"div_{k}": v for k, v in div.items()}
+        terms |= {k if k.startswith("div") else f"div_{k}": v for k, v in div.items()}
     if cfg.dispersive is not None and cfg.dispersive.coeff > 0:
         terms["dispersive"] = dispersive_loss(features[cfg.dispersive.block], cfg.dispersive.tau)
         total = total + cfg.dispersive.coeff * terms["dispersive"]
