@@ -11,6 +11,6 @@ def test_readme_examples_run():
     assert len(blocks) >= 5
     namespace: dict = {}
     for code in blocks:
-        exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+        exec(compile(code, str(README), "exec"), namespace)
     assert namespace["sim"].shape == (6, 6)
     assert namespace["images"].shape == (8, 1, 16, 16)
