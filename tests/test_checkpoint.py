@@ -71,7 +71,7 @@ def test_batch_order_shards_one_global_batch_across_ranks():
     ranks = [take(BatchOrder(12, 6, seed=1, rank=r, num_processes=3), 2) for r in range(3)]
     single = take(BatchOrder(12, 6, seed=1), 2)
     for b in range(2):
-        assert sum((ranks[r][b] for r in range(3)), []) == single[b]
+        assert [i for r in range(3) for i in ranks[r][b]] == single[b]
     with pytest.raises(ValueError, match="not divisible"):
         BatchOrder(12, 5, num_processes=2)
     with pytest.raises(ValueError, match="smaller than one batch"):

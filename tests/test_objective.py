@@ -13,7 +13,7 @@ from diversedit.losses.sra import SRAConfig
 from diversedit.models import create_model
 
 TINY = dict(depth=6, hidden_size=32, num_heads=4, input_size=8, patch_size=2, num_classes=10)
-DIV = DiversityConfig(pair_encoder_depth=2)
+DIV = DiversityConfig(pairs="star")  # depth 6: the release formula at e = 2 selects no pair
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +96,7 @@ def test_each_term_changes_the_gradient(term):
     kw = dict(z_dims=(16,), encoder_depth=2, sra_student_depth=2)
     configs = {
         "repa": dict(repa=RepaConfig(encoder_depth=2)),
-        "diversity": dict(diversity=DiversityConfig(pair_encoder_depth=2, adaptive=False)),
+        "diversity": dict(diversity=DiversityConfig(pairs="star", adaptive=False)),
         "dispersive": dict(dispersive=DispersiveConfig(coeff=1.0, block=2)),
         "sra": dict(sra=SRAConfig(student_depth=2, teacher_depth=3)),
     }

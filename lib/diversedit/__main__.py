@@ -1,4 +1,8 @@
-"""Command line: ``diversedit bench …`` (``python -m diversedit``)."""
+"""Command line (``diversedit`` or ``python -m diversedit``): train, bench.
+
+Exit codes: 0 done, 2 invalid parameters (nothing written), 85 preempted after a checkpoint
+(SIGTERM / SIGUSR1: requeue the job; it resumes automatically).
+"""
 
 from __future__ import annotations
 
@@ -27,9 +31,55 @@ def _bench(args: argparse.Namespace) -> None:
     )
 
 
+def _overrides(pairs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _train(args: argparse.Namespace) -> None:
+    import json
+    import sys
+
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.params, _overrides(args.set), check_paths=not args.dry_run)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        print(f"run directory: {cfg.run_dir()}")
+        return
+    from .train import train
+
+    print(f"run directory: {train(cfg, max_steps=args.max_steps)}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="diversedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train (or resume) the run a params file describes")
+    train.add_argument("params", type=Path, help="params YAML file (see params/train/)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set optim.lr=2e-4 (repeatable)",
+    )
+    train.add_argument("--max-steps", type=int, default=None, help="stop early at this step")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the resolved configuration, then exit",
+    )
+    train.set_defaults(func=_train)
     bench = sub.add_parser("bench", help="training-step and sampler throughput, JSON out")
     bench.add_argument("--sizes", default="tiny", help="comma list: tiny,S/2,B/2,L/2,XL/2")
     bench.add_argument("--variants", default="", help="comma list (default: all)")

@@ -124,6 +124,15 @@ def _provenance(accelerator: Any) -> dict[str, Any]:
     }
 
 
+def build_dataset(data: Any) -> torch.utils.data.Dataset:
+    """The training set a ``data:`` section describes; items are (x, label, uint8 image)."""
+    from .data import DigitsDataset, LatentDataset
+
+    if data.kind == "digits":
+        return DigitsDataset(image_size=data.image_size, channels=data.channels, split="all")
+    return LatentDataset(data.path)
+
+
 class Trainer:
     """Owns one run: build everything from the config, then :meth:`fit`."""
 
@@ -131,7 +140,6 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
-        from .data import build_dataset
         from .encoders import build_encoder
 
         self.config = cfg = config
@@ -163,7 +171,7 @@ class Trainer:
             eps=opt.eps,
             fused=acc.device.type == "cuda",
         )
-        self.dataset = build_dataset(cfg.data, train=True)
+        self.dataset = build_dataset(cfg.data)
         self.local_batch = opt.global_batch // (acc.num_processes * opt.grad_accum)
         if self.local_batch * acc.num_processes * opt.grad_accum != opt.global_batch:
             raise ValueError(
@@ -176,9 +184,12 @@ class Trainer:
         if needs_encoder:
             cfg_m = self.model.config
             self.encoder = build_encoder(
-                cfg.encoder.name, cfg.encoder.weights, resolution=cfg.encoder.resolution,
-                device=acc.device, token_grid=cfg_m.input_size // cfg_m.patch_size,
-            ).eval()  # fmt: skip
+                cfg.encoder.name,
+                cfg.encoder.weights,
+                resolution=cfg.encoder.resolution or cfg.data.image_size,
+                device=acc.device,
+                token_grid=cfg_m.input_size // cfg_m.patch_size,
+            )
         self.step = 0
         self.batches_consumed = 0  # micro-batches, the data position
         self._resumed_from: Path | None = None
@@ -254,6 +265,9 @@ class Trainer:
             num_workers=self.config.data.num_workers,
             pin_memory=self.accelerator.device.type == "cuda",
             persistent_workers=self.config.data.num_workers > 0,
+            # its own generator: iterating a DataLoader draws a base seed, which must not
+            # consume the global RNG (a resumed run creates one more loader than a straight one)
+            generator=torch.Generator().manual_seed(self.config.seed),
         )
         device = self.accelerator.device
         for x, y, images in loader:
@@ -274,6 +288,8 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         total = cfg.optim.max_steps if max_steps is None else max_steps
         self._write_run_files()
+        if cfg.logging.tensorboard:
+            acc.init_trackers(cfg.name)
         if self._scaler_state and acc.scaler is not None:
             acc.scaler.load_state_dict(self._scaler_state)
         log_file = self.run_dir / "log.jsonl"
@@ -351,7 +367,8 @@ class Trainer:
             return
         culprits = {k: int(s) for k, s in first_bad.items() if int(s) >= 0}
         step = min(culprits.values())
-        terms = sorted(k for k, s in culprits.items() if s == step and k != "loss") or ["loss"]
+        first = [k for k, s in culprits.items() if s == step]
+        terms = sorted(k for k in first if k not in ("loss", "grad_norm")) or sorted(first)
         raise NonFiniteLossError(
             f"step {step}: loss term(s) {terms} became non-finite (first non-finite step per "
             f"term: {culprits}); the run stops without writing a checkpoint after it"
@@ -427,4 +444,3 @@ class Trainer:
 def train(config: Any, *, max_steps: int | None = None) -> Path:
     """Build a :class:`Trainer` for ``config`` and fit it; returns the run directory."""
     return Trainer(config).fit(max_steps)
-

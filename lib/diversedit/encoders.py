@@ -1,0 +1,356 @@
+"""External encoders that provide REPA / SRA alignment targets.
+
+* ``dinov2-vit-s|b|l``: timm's DINOv2 ViT/14 loaded from a local checkpoint (the original
+  ``dinov2_vit?14_pretrain.pth`` or a timm state dict), position embedding resampled to the
+  224·res/256 input grid (16×16 at 256 px), REPA's preprocessing, ``x_norm_patchtokens`` out.
+* ``digits-cnn``: the CPU tier's **stand-in** encoder, a small CNN trained here on the sklearn
+  digits train split (seconds on CPU) and cached; it is not DINOv2 and is named as a stand-in
+  everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DINOV2_TIMM = {
+    "dinov2-vit-s": ("vit_small_patch14_dinov2", 384, "dinov2_vits14"),
+    "dinov2-vit-b": ("vit_base_patch14_dinov2", 768, "dinov2_vitb14"),
+    "dinov2-vit-l": ("vit_large_patch14_dinov2", 1024, "dinov2_vitl14"),
+}
+DIGITS_CNN = "digits-cnn"
+DIGITS_CNN_DIM = 64
+DIGITS_CNN_FORMAT = "diversedit-digits-cnn/1"
+ENCODER_NAMES = (*DINOV2_TIMM, DIGITS_CNN)
+
+
+class Encoder(nn.Module):
+    """Frozen image encoder: uint8 (N, 3, H, W) → patch tokens (N, T, z_dim).
+
+    Stays in eval mode (``train()`` is a no-op) and holds no trainable parameters; callers run it
+    under ``torch.no_grad()`` (and their autocast context, as REPA does)."""
+
+    name: str
+    z_dim: int
+    standin: bool
+    num_tokens: int
+
+    def train(self, mode: bool = True) -> Encoder:
+        return super().train(False)
+
+
+# ----------------------------------------------------------------------------- DINOv2
+
+
+def dinov2_missing_message(name: str, path: str | Path | None) -> str:
+    """What to download and where to point ``encoder.weights`` for a DINOv2 encoder."""
+    stem = DINOV2_TIMM[name][2]
+    where = "no file given" if path is None else f"{path} does not exist"
+    return (
+        f"{name} weights missing ({where}). Download "
+        f"https://dl.fbaipublicfiles.com/dinov2/{stem}/{stem}_pretrain.pth "
+        f"(e.g. to weights/{stem}_pretrain.pth) and set `encoder.weights` to that file "
+        "(a timm state dict of the same model also works)."
+    )
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if path.is_dir():
+        found = [
+            path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()
+        ]
+        if not found:
+            raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+        path = found[0]
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+class DinoV2Encoder(Encoder):
+    """DINOv2 patch tokens with REPA's preprocessing (÷255 → ImageNet normalise → bicubic)."""
+
+    standin = False
+
+    def __init__(self, name: str, model: nn.Module, resolution: int) -> None:
+        super().__init__()
+        self.name, self.model, self.resolution = name, model, resolution
+        self.z_dim = DINOV2_TIMM[name][1]
+        self.input_size = model.patch_embed.img_size[0]
+        self.num_tokens = model.patch_embed.num_patches
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """REPA: x/255 → (x − mean)/std → bicubic (no antialias) to 224·res/256."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected N×3×H×W images, got {tuple(images.shape)}")
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            raise ValueError(
+                f"{self.name} was built for {self.resolution}-px images, got {tuple(images.shape)}"
+            )
+        x = images.float() / 255.0
+        x = (x - self.mean) / self.std
+        return F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        tokens = self.model.forward_features(self.preprocess(images))
+        return tokens[:, self.model.num_prefix_tokens :]
+
+
+def build_dinov2(name: str, weights: str | Path | None, resolution: int = 256) -> DinoV2Encoder:
+    """timm DINOv2 at input 224·res/256 with weights from a local file (pos-embed resampled by
+    timm's ``checkpoint_filter_fn``: bicubic, as REPA's ``resample_abs_pos_embed``)."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    if resolution % 16:
+        raise ValueError(f"resolution must be a multiple of 16 for patch 14, got {resolution}")
+    if weights is None or not Path(weights).expanduser().exists():
+        raise FileNotFoundError(dinov2_missing_message(name, weights))
+    arch, dim, _ = DINOV2_TIMM[name]
+    model = timm.create_model(
+        arch, pretrained=False, img_size=224 * resolution // 256, num_classes=0
+    )
+    state = _read_state_dict(Path(weights).expanduser())
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "dino_head", "ibot"))}
+    state = checkpoint_filter_fn(state, model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights} is not a {name} checkpoint (embed dim {dim}): {err}") from err
+    return DinoV2Encoder(name, model.eval().requires_grad_(False), resolution)
+
+
+# ----------------------------------------------------------------------------- digits-cnn
+
+
+class DigitsCNN(nn.Module):
+    """3×3 convs with GroupNorm/SiLU: grey 8×8 → 64×4×4 map → mean pool (64) → logits (10)."""
+
+    native_size = 8
+
+    def __init__(self, dim: int = DIGITS_CNN_DIM) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU()]
+
+        self.features = nn.Sequential(*block(1, 32), *block(32, dim, 2), *block(dim, dim))
+        self.head = nn.Linear(dim, 10)
+
+    @classmethod
+    def prepare(cls, images: Tensor) -> Tensor:
+        """uint8 (N, 3, S, S) → grey in [-1, 1] at 8×8 (area resize when S ≠ 8)."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected N×3×S×S images, got {tuple(images.shape)}")
+        x = images.float().mean(dim=1, keepdim=True) / 255.0
+        if x.shape[-2:] != (cls.native_size, cls.native_size):
+            x = F.interpolate(x, size=cls.native_size, mode="area")
+        return x * 2 - 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Feature map (N, 64, 4, 4) of prepared input."""
+        return self.features(x)
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _one_cycle(step: int, total: int, peak: float) -> float:
+    """Learning rate: linear warm-up over 30 % of the steps from peak/25, cosine decay to 0."""
+    warm = max(int(0.3 * total), 1)
+    if step < warm:
+        return peak / 25 + (peak - peak / 25) * step / warm
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+
+
+class _Adam:
+    """Plain Adam (β = 0.9, 0.999). Written out because creating a ``torch.optim`` optimiser
+    imports ``torch._dynamo`` (seconds of start-up in every CPU-tier process that trains it)."""
+
+    def __init__(self, params: list[nn.Parameter], betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params, self.betas, self.eps, self.t = params, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
+
+
+def _accuracy(net: DigitsCNN, images: Tensor, labels: Tensor) -> float:
+    with torch.no_grad():
+        logits = net.head(net(DigitsCNN.prepare(images)).mean(dim=(2, 3)))
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def train_digits_cnn(
+    seed: int = 0,
+    epochs: int = 6,
+    batch_size: int = 32,
+    lr: float = 1e-2,
+    limit: int | None = None,
+) -> tuple[dict[str, Tensor], dict]:
+    """Train :class:`DigitsCNN` on the digits train split (CPU, one thread, deterministic).
+
+    Each sample is drawn at 8, 16 or 32 px (the CPU tier's image sizes, resized back to 8 by
+    :meth:`DigitsCNN.prepare`) and shifted by ±1 px; ``limit`` keeps the first training images
+    (quick checks only). Returns ``(state_dict, meta)``; ``meta`` holds the test accuracy at 8 px
+    and per size."""
+    from .data.digits import DigitsDataset
+
+    sizes = (8, 16, 32)
+    train = {s: DigitsDataset(s, split="train") for s in sizes}
+    test = {s: DigitsDataset(s, split="test") for s in sizes}
+    gen = torch.Generator().manual_seed(seed)
+    with _threads(1), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = DigitsCNN()
+        views = torch.stack([DigitsCNN.prepare(train[s].images[:limit]) for s in sizes])
+        y = train[8].labels[:limit]
+        n = len(y)
+        steps = epochs * -(-n // batch_size)
+        adam = _Adam(list(net.parameters()))
+        step = 0
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                view = torch.randint(0, len(sizes), (len(idx),), generator=gen)
+                dy, dx = torch.randint(0, 3, (2,), generator=gen).tolist()  # ±1-px shift
+                xb = F.pad(views[view, idx], (1, 1, 1, 1), value=-1.0)
+                xb = xb[:, :, dy : dy + 8, dx : dx + 8]
+                loss = F.cross_entropy(net.head(net(xb).mean(dim=(2, 3))), y[idx])
+                net.zero_grad(set_to_none=True)
+                loss.backward()
+                adam.step(_one_cycle(step, steps, lr))
+                step += 1
+        net.eval()
+        by_size = {str(s): _accuracy(net, test[s].images, test[s].labels) for s in sizes}
+    meta = {
+        "format": DIGITS_CNN_FORMAT,
+        "standin": True,
+        "seed": seed,
+        "epochs": epochs,
+        "train_images": n,
+        "test_images": len(test[8]),
+        "test_accuracy": by_size["8"],
+        "test_accuracy_by_size": by_size,
+        "note": "stand-in encoder for the CPU tier (sklearn digits), not DINOv2",
+    }
+    return net.state_dict(), meta
+
+
+def digits_cnn_cache_path(weights: str | Path | None = None) -> Path:
+    """``weights`` if given, else ``$DIVERSEDIT_CACHE/digits_cnn.pt`` (the cache directory
+    defaults to ``~/.cache/diversedit``)."""
+    if weights is not None:
+        return Path(weights).expanduser()
+    root = os.environ.get("DIVERSEDIT_CACHE") or Path.home() / ".cache" / "diversedit"
+    return Path(root).expanduser() / "digits_cnn.pt"
+
+
+def load_or_train_digits_cnn(weights: str | Path | None = None) -> tuple[DigitsCNN, dict]:
+    """Load the cached stand-in CNN, training and caching it (atomically) when absent or stale."""
+    path = digits_cnn_cache_path(weights)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    if ckpt is None or ckpt.get("meta", {}).get("format") != DIGITS_CNN_FORMAT:
+        state, meta = train_digits_cnn()
+        ckpt = {"state_dict": state, "meta": meta}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    net = DigitsCNN()
+    net.load_state_dict(ckpt["state_dict"])
+    return net.eval().requires_grad_(False), dict(ckpt["meta"])
+
+
+class DigitsCNNEncoder(Encoder):
+    """Stand-in encoder: the CNN's last map, adaptive-average-pooled to ``token_grid``²
+    tokens of dim 64 (a 4×4 map is replicated for grids above 4)."""
+
+    standin = True
+    name = "digits-cnn (stand-in)"
+
+    def __init__(self, net: DigitsCNN, meta: dict, token_grid: int) -> None:
+        super().__init__()
+        if token_grid < 1:
+            raise ValueError(f"token_grid must be >= 1, got {token_grid}")
+        self.net, self.meta, self.token_grid = net, meta, token_grid
+        self.z_dim = DIGITS_CNN_DIM
+        self.num_tokens = token_grid**2
+        self.test_accuracy = float(meta["test_accuracy"])
+
+    def _map(self, images: Tensor) -> Tensor:
+        param = next(self.net.parameters())
+        return self.net(DigitsCNN.prepare(images.to(param.device)).to(param.dtype))
+
+    def forward(self, images: Tensor) -> Tensor:
+        tokens = F.adaptive_avg_pool2d(self._map(images), self.token_grid)
+        return tokens.flatten(2).transpose(1, 2)
+
+    def pooled_features(self, images: Tensor) -> Tensor:
+        """(N, 64) global mean of the last map (the FD_digits feature)."""
+        return self._map(images).mean(dim=(2, 3))
+
+    def logits(self, images: Tensor) -> Tensor:
+        """(N, 10) class logits."""
+        return self.net.head(self.pooled_features(images))
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+def build_encoder(
+    name: str,
+    weights: str | Path | None,
+    *,
+    resolution: int = 256,
+    device: torch.device | str | None = None,
+    token_grid: int | None = None,
+) -> Encoder:
+    """Build a frozen encoder by name (``dinov2-vit-s|b|l`` or ``digits-cnn``).
+
+    ``resolution`` is the side of the uint8 images the encoder will receive; for ``digits-cnn``
+    ``token_grid`` (default ``resolution // 2``, i.e. patch 2) sets the token grid and
+    ``weights`` is the cache file (trained on first use)."""
+    if name in DINOV2_TIMM:
+        encoder: Encoder = build_dinov2(name, weights, resolution)
+    elif name == DIGITS_CNN:
+        net, meta = load_or_train_digits_cnn(weights)
+        encoder = DigitsCNNEncoder(net, meta, token_grid or max(resolution // 2, 1))
+    else:
+        raise ValueError(f"unknown encoder {name!r}; choose from {ENCODER_NAMES}")
+    return encoder.to(device or "cpu").eval().requires_grad_(False)

@@ -1,0 +1,194 @@
+"""The training engine on the digits tier: loss falls, exact resume, preemption, faults."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diversedit.checkpoint import list_checkpoints, load_latest
+from diversedit.config import load_config
+from diversedit.train import REQUEUE_EXIT_CODE, NonFiniteLossError, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params" / "train"
+FAST = {
+    "model.depth": 4,
+    "model.hidden_size": 32,
+    "data.image_size": 8,
+    "optim.global_batch": 16,
+    "optim.max_steps": 8,
+    "checkpoint.every": 2,
+    "checkpoint.keep_last": 3,
+    "logging.log_every": 2,
+    "logging.cka_every": 0,
+    "logging.tensorboard": False,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def config(tmp_path, params="digits_sit.yaml", **extra):
+    return load_config(PARAMS / params, FAST | {"results_dir": str(tmp_path)} | extra)
+
+
+def trainer(cfg):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # one Accelerator per test in this process
+    return Trainer(cfg)
+
+
+def test_digits_loss_falls(tmp_path):
+    extra = {"optim.max_steps": 60, "optim.lr": 1e-3, "logging.log_every": 10}
+    cfg = config(tmp_path, **extra)
+    run = trainer(cfg).fit()
+    import json
+
+    logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [10, 20, 30, 40, 50, 60]
+    assert logs[-1]["loss"] < 0.7 * logs[0]["loss"]
+    assert {"denoise", "grad_norm", "images_per_s"} <= set(logs[0])
+    assert (run / "config.json").exists() and (run / "provenance.jsonl").exists()
+
+
+def states_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        elif isinstance(a[k], dict):
+            states_equal(a[k], b[k])
+        elif isinstance(a[k], list):
+            for x, y in zip(a[k], b[k], strict=True):
+                states_equal({"_": x}, {"_": y})
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("params", ["digits_sit.yaml", "digits_repa_diversedit.yaml"])
+def test_resume_is_bitwise_exact(tmp_path, params):
+    once = trainer(config(tmp_path / "a", params)).fit()
+    half = trainer(config(tmp_path / "b", params)).fit(4)
+    resumed = trainer(config(tmp_path / "b", params))
+    assert resumed.step == 4 and resumed.batches_consumed == 4
+    two = resumed.fit()
+    a, _ = load_latest(once / "checkpoints")
+    b, _ = load_latest(two / "checkpoints")
+    assert a["step"] == b["step"] == 8
+    for key in ("model", "ema", "optimizer"):
+        states_equal(a[key], b[key])
+    assert half == two
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path):
+    run = trainer(config(tmp_path)).fit()
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4, 6, 8]
+    (run / "checkpoints" / "step_00000008.pt").write_bytes(b"\x00" * 10)
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
+        t = trainer(config(tmp_path))
+    assert t.step == 6
+
+
+def test_nan_loss_stops_and_keeps_good_checkpoints(tmp_path, monkeypatch):
+    import diversedit.train as train_module
+
+    real = train_module.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, terms = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 3
+            terms["denoise"] = terms["denoise"] * float("nan")
+            terms["loss"] = terms["loss"] * float("nan")
+            loss = loss * float("nan")
+        return loss, terms
+
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: loss term\(s\) \['denoise'\]"):
+        trainer(config(tmp_path)).fit()
+    steps = [s for s, _ in list_checkpoints(config(tmp_path).run_dir() / "checkpoints")]
+    assert steps == [2]  # the step-4 checkpoint (NaN weights) was never written
+    state, _ = load_latest(config(tmp_path).run_dir() / "checkpoints")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_sigterm_checkpoints_and_requeues(tmp_path):
+    cmd = [
+        sys.executable, "-m", "diversedit", "train", str(PARAMS / "digits_sit.yaml"),
+        "--set", f"results_dir={tmp_path}", "--set", "optim.max_steps=100000",
+        "--set", "checkpoint.every=100000", "--set", "logging.log_every=1",
+        "--set", "logging.tensorboard=false", "--set", "model.depth=2",
+    ]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cfg = load_config(
+        PARAMS / "digits_sit.yaml",
+        {"results_dir": str(tmp_path), "optim.max_steps": 100000, "checkpoint.every": 100000,
+         "logging.log_every": 1, "logging.tensorboard": False, "model.depth": 2},
+    )  # fmt: skip
+    log = cfg.run_dir() / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 3):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == REQUEUE_EXIT_CODE, out
+    state, _ = load_latest(cfg.run_dir() / "checkpoints")
+    assert state["step"] >= 3
+    resumed = trainer(cfg)
+    assert resumed.step == state["step"]
+
+
+OPTIONS = {  # option → (overrides, parameter prefix it adds or None, logged term it adds)
+    "long_skip": ({"model.long_skip": True}, "skip_linears", None),
+    "diversity": ({"objective.diversity.pairs": "star"}, None, "div_orth"),
+    "repa": (
+        {
+            "objective.repa.coeff": 0.5,
+            "objective.repa.encoder_depth": 2,
+            "encoder.name": "digits-cnn",
+        },
+        "projectors",
+        "repa",
+    ),
+    "dispersive": ({"objective.dispersive.coeff": 0.25}, None, "dispersive"),
+    "sra": (
+        {"objective.sra.student_depth": 2, "objective.sra.teacher_depth": 3},
+        "sra_head",
+        "sra",
+    ),
+    "meanflow": ({"objective.meanflow.omega": 1.0}, "h_embedder", "meanflow"),
+}
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_every_method_option_reaches_model_and_loss(tmp_path, option, monkeypatch):
+    monkeypatch.setenv("DIVERSEDIT_CACHE", str(tmp_path / "cache"))
+    overrides, prefix, term = OPTIONS[option]
+    base = trainer(config(tmp_path / "off", **{"optim.max_steps": 1}))
+    names = {n for n, _ in base.model.named_parameters()}
+    t = trainer(config(tmp_path / "on", **({"optim.max_steps": 4} | overrides)))
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    run = t.fit()  # 4 steps: adaLN-Zero opens the path to the embedders only at step 3
+    if prefix is not None:
+        assert not any(n.startswith(prefix) for n in names)  # absent when disabled
+        added = [n for n in before if n.startswith(prefix)]
+        assert added
+        after = dict(t.model.named_parameters())
+        assert all(not torch.equal(before[n], after[n]) for n in added)  # trained
+    if term is not None:
+        assert f'"{term}"' in (run / "log.jsonl").read_text()
