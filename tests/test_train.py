@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,7 +51,13 @@ def trainer(cfg):
 
 
 def test_digits_loss_falls(tmp_path):
-    extra = {"optim.max_steps": 60, "optim.lr": 1e-3, "logging.log_every": 10}
+    extra = {
+        "optim.max_steps": 60,
+        "optim.lr": 1e-3,
+        "logging.log_every": 10,
+        "logging.cka_every": 30,
+        "logging.tensorboard": True,
+    }
     cfg = config(tmp_path, **extra)
     run = trainer(cfg).fit()
     import json
@@ -60,6 +67,11 @@ def test_digits_loss_falls(tmp_path):
     assert logs[-1]["loss"] < 0.7 * logs[0]["loss"]
     assert {"denoise", "grad_norm", "images_per_s"} <= set(logs[0])
     assert (run / "config.json").exists() and (run / "provenance.jsonl").exists()
+    assert list(run.rglob("events.out.tfevents.*"))  # TensorBoard
+    snapshots = sorted((run / "cka").glob("*.npy"))
+    assert [p.name for p in snapshots] == ["step_00000030.npy", "step_00000060.npy"]
+    sim = np.load(snapshots[-1])
+    assert sim.shape == (4, 4) and np.allclose(np.diag(sim), 1)
 
 
 def states_equal(a, b):
@@ -192,3 +204,60 @@ def test_every_method_option_reaches_model_and_loss(tmp_path, option, monkeypatc
         assert all(not torch.equal(before[n], after[n]) for n in added)  # trained
     if term is not None:
         assert f'"{term}"' in (run / "log.jsonl").read_text()
+
+
+def test_two_process_ddp_resume_is_exact(tmp_path):
+    """DDP across 2 CPU processes (gloo): sharded batches, gathered RNG states, exact resume."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    sets = dict(FAST, **{"model.long_skip": True, "objective.diversity.pairs": "star"})
+
+    def launch(results, steps):
+        cmd = [str(torchrun), "--nproc_per_node=2", "-m", "diversedit", "train",
+               str(PARAMS / "digits_sit.yaml"), "--max-steps", str(steps)]  # fmt: skip
+        for k, v in (sets | {"results_dir": str(results)}).items():
+            cmd += ["--set", f"{k}={v}"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    launch(tmp_path / "a", 4)
+    launch(tmp_path / "b", 2)
+    launch(tmp_path / "b", 4)
+    cfg_a = load_config(PARAMS / "digits_sit.yaml", sets | {"results_dir": str(tmp_path / "a")})
+    cfg_b = load_config(PARAMS / "digits_sit.yaml", sets | {"results_dir": str(tmp_path / "b")})
+    a, _ = load_latest(cfg_a.run_dir() / "checkpoints")
+    b, _ = load_latest(cfg_b.run_dir() / "checkpoints")
+    assert a["step"] == b["step"] == 4 and len(a["rng"]) == 2
+    assert not torch.equal(a["rng"][0]["torch"], a["rng"][1]["torch"])  # per-rank seeds
+    for key in ("model", "ema", "optimizer"):
+        states_equal(a[key], b[key])
+    prov = (cfg_b.run_dir() / "provenance.jsonl").read_text().splitlines()
+    assert len(prov) == 2 and '"processes": 2' in prov[0]
+
+
+def test_cli_rejects_bad_params_before_writing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((PARAMS / "digits_sit.yaml").read_text() + "\nlearning_rate: 1e-3\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "diversedit",
+        "train",
+        str(bad),
+        "--set",
+        f"results_dir={tmp_path}/r",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "bad.yaml" in done.stderr and "learning_rate" in done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_gradient_accumulation_consumes_micro_batches(tmp_path):
+    cfg = config(tmp_path, **{"optim.grad_accum": 2, "optim.max_steps": 3})
+    t = trainer(cfg)
+    assert t.local_batch == 8
+    t.fit()
+    assert t.step == 3 and t.batches_consumed == 6
+    state, _ = load_latest(cfg.run_dir() / "checkpoints")
+    assert state["batches_consumed"] == 6

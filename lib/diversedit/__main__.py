@@ -1,4 +1,4 @@
-"""Command line (``diversedit`` or ``python -m diversedit``): train, bench.
+"""Command line (``diversedit`` or ``python -m diversedit``): prepare, train, bench.
 
 Exit codes: 0 done, 2 invalid parameters (nothing written), 85 preempted after a checkpoint
 (SIGTERM / SIGUSR1: requeue the job; it resumes automatically).
@@ -61,9 +61,37 @@ def _train(args: argparse.Namespace) -> None:
     print(f"run directory: {train(cfg, max_steps=args.max_steps)}")
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
+    from .data.prepare import prepare_imagenet
+
+    state = PartialState()  # one shard per process under `accelerate launch`
+    done = prepare_imagenet(
+        args.source,
+        args.dest,
+        vae=args.vae,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        device=state.device,
+        process_index=state.process_index,
+        num_processes=state.num_processes,
+        limit=args.limit,
+    )
+    print(f"process {state.process_index}: encoded {done} images into {args.dest}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="diversedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="ImageNet folder → ADM crops + SD-VAE latent moments")
+    prep.add_argument("--source", type=Path, required=True, help="ImageFolder tree (train split)")
+    prep.add_argument("--dest", type=Path, required=True, help="output: images/ and vae-sd/")
+    prep.add_argument("--vae", default="stabilityai/sd-vae-ft-mse", help="local dir or hub id")
+    prep.add_argument("--resolution", type=int, default=256)
+    prep.add_argument("--batch-size", type=int, default=64)
+    prep.add_argument("--limit", type=int, default=None, help="class-balanced subset size")
+    prep.set_defaults(func=_prepare)
     train = sub.add_parser("train", help="train (or resume) the run a params file describes")
     train.add_argument("params", type=Path, help="params YAML file (see params/train/)")
     train.add_argument(

@@ -313,6 +313,8 @@ class Trainer:
                 for k, v in terms.items():  # running sums and NaN flags: no host sync
                     v = v.float()
                     sums[k] = sums.get(k, 0.0) + v
+                    if k == "grad_norm":  # inf on fp16 overflow steps, which the scaler skips
+                        continue
                     now = ~torch.isfinite(v)
                     prev = first_bad.get(k, never)
                     first_bad[k] = torch.where(now & (prev < 0), self.step, prev)
@@ -368,7 +370,7 @@ class Trainer:
         culprits = {k: int(s) for k, s in first_bad.items() if int(s) >= 0}
         step = min(culprits.values())
         first = [k for k, s in culprits.items() if s == step]
-        terms = sorted(k for k in first if k not in ("loss", "grad_norm")) or sorted(first)
+        terms = sorted(k for k in first if k != "loss") or first
         raise NonFiniteLossError(
             f"step {step}: loss term(s) {terms} became non-finite (first non-finite step per "
             f"term: {culprits}); the run stops without writing a checkpoint after it"
