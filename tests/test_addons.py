@@ -26,15 +26,6 @@ from diversedit.models.sit import create_model
 NUM_CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: one intra-op thread avoids oversubscribing the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_sit(seed: int = 0, **overrides) -> nn.Module:
     """A 4-block SiT on 8×8×4 latents with every parameter perturbed away from adaLN-Zero."""
     torch.manual_seed(seed)

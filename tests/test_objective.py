@@ -16,14 +16,6 @@ TINY = dict(depth=6, hidden_size=32, num_heads=4, input_size=8, patch_size=2, nu
 DIV = DiversityConfig(pairs="star")  # depth 6: the release formula at e = 2 selects no pair
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def model(**kw):
     torch.manual_seed(0)
     m = create_model("custom", **(TINY | kw))

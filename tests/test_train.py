@@ -31,14 +31,6 @@ FAST = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def config(tmp_path, params="digits_sit.yaml", **extra):
     return load_config(PARAMS / params, FAST | {"results_dir": str(tmp_path)} | extra)
 
@@ -261,3 +253,16 @@ def test_gradient_accumulation_consumes_micro_batches(tmp_path):
     assert t.step == 3 and t.batches_consumed == 6
     state, _ = load_latest(cfg.run_dir() / "checkpoints")
     assert state["batches_consumed"] == 6
+
+
+def test_bf16_autocast_run_on_cpu(tmp_path):
+    """The mixed-precision path (autocast in the model, fp32 statistics in the losses)."""
+    cfg = config(tmp_path, **{"precision.mixed_precision": "bf16", "optim.max_steps": 2},
+                 **{"model.long_skip": True, "objective.diversity.pairs": "star"})  # fmt: skip
+    t = trainer(cfg)
+    assert t.accelerator.mixed_precision == "bf16"
+    run = t.fit()
+    import json
+
+    record = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(record["loss"]) and np.isfinite(record["div"])

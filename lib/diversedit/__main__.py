@@ -1,4 +1,4 @@
-"""Command line (``diversedit`` or ``python -m diversedit``): prepare, train, bench.
+"""Command line (``diversedit`` or ``python -m diversedit``): prepare, train, sample, bench.
 
 Exit codes: 0 done, 2 invalid parameters (nothing written), 85 preempted after a checkpoint
 (SIGTERM / SIGUSR1: requeue the job; it resumes automatically).
@@ -108,6 +108,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="validate and print the resolved configuration, then exit",
     )
     train.set_defaults(func=_train)
+    from . import generate
+
+    sample = sub.add_parser("sample", help="sample a run or checkpoint into an ADM .npz")
+    generate.build_parser(sample)
+    sample.set_defaults(func=generate.run_args)
     bench = sub.add_parser("bench", help="training-step and sampler throughput, JSON out")
     bench.add_argument("--sizes", default="tiny", help="comma list: tiny,S/2,B/2,L/2,XL/2")
     bench.add_argument("--variants", default="", help="comma list (default: all)")
