@@ -1,4 +1,5 @@
-"""Command line (``diversedit`` or ``python -m diversedit``): prepare, train, sample, bench.
+"""Command line (``diversedit`` or ``python -m diversedit``): prepare, train, sample, evaluate,
+bench.
 
 Exit codes: 0 done, 2 invalid parameters (nothing written), 85 preempted after a checkpoint
 (SIGTERM / SIGUSR1: requeue the job; it resumes automatically).
@@ -29,6 +30,12 @@ def _bench(args: argparse.Namespace) -> None:
         samplers=not args.no_samplers,
         steps=args.steps,
     )
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .metrics.evaluate import main as evaluate_main
+
+    raise SystemExit(evaluate_main(args.rest))
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, str]:
@@ -82,6 +89,11 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["evaluate"]:  # its own parser (also `python -m diversedit.metrics.evaluate`)
+        _evaluate(argparse.Namespace(rest=argv[1:]))
     parser = argparse.ArgumentParser(prog="diversedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="ImageNet folder → ADM crops + SD-VAE latent moments")
@@ -113,6 +125,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     sample = sub.add_parser("sample", help="sample a run or checkpoint into an ADM .npz")
     generate.build_parser(sample)
     sample.set_defaults(func=generate.run_args)
+    ev = sub.add_parser(
+        "evaluate",
+        help="FID, sFID, IS, Precision, Recall of REF.npz vs SAMPLES.npz",
+        add_help=False,
+    )
+    ev.add_argument("rest", nargs=argparse.REMAINDER)
+    ev.set_defaults(func=_evaluate)
     bench = sub.add_parser("bench", help="training-step and sampler throughput, JSON out")
     bench.add_argument("--sizes", default="tiny", help="comma list: tiny,S/2,B/2,L/2,XL/2")
     bench.add_argument("--variants", default="", help="comma list (default: all)")

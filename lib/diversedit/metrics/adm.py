@@ -146,8 +146,9 @@ def manifold_radii(feats: torch.Tensor, k: int = ADM_PR_K, batch_size: int = 100
         best = None
         for cols in _blocks(n, batch_size):
             d = _sq_dists(feats[rows], feats[cols])
-            cand = d if best is None else torch.cat([best, d], dim=1)
-            best = cand.topk(min(k + 1, cand.shape[1]), dim=1, largest=False).values
+            d = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
+            best = d if best is None else torch.cat([best, d], dim=1)
+            best = best.topk(min(k + 1, best.shape[1]), dim=1, largest=False).values
         radii[rows] = best.sort(dim=1).values[:, k]
     return radii
 

@@ -116,14 +116,14 @@ def _load_full(path: Path) -> np.ndarray:
         return data[ARRAY_KEY]
 
 
-def _read_exact(f: IO[bytes], size: int) -> bytes:
+def _read_exact(f: IO[bytes], size: int) -> bytearray:
     data = bytearray()
     while len(data) < size:
         block = f.read(size - len(data))
         if not block:
             raise ValueError(f"truncated array data: expected {size} bytes, got {len(data)}")
         data += block
-    return bytes(data)
+    return data
 
 
 def iter_adm_batches(path: str | Path, batch_size: int = 64) -> Iterator[np.ndarray]:
@@ -172,7 +172,7 @@ def _cache_key(ref: Path, extractor: FeatureExtractor) -> str:
     st = ref.stat()
     desc = extractor.describe()
     ident = [str(ref.resolve()), st.st_size, st.st_mtime_ns, extractor.name]
-    ident.append(desc.get("weights_sha256"))
+    ident += [extractor.metric_suffix, extractor.adm_compatible, desc.get("weights_sha256")]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 
@@ -306,6 +306,9 @@ def evaluate(
         },
         "versions": _versions(),
     }
+    generation = samples.parent / "sampling.json"  # written by `diversedit sample`
+    if generation.is_file():
+        record["generation"] = json.loads(generation.read_text())
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

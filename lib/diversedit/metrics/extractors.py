@@ -52,6 +52,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def _to_nchw_uint8(batch: np.ndarray | Tensor) -> Tensor:
+    if isinstance(batch, np.ndarray) and not batch.flags.writeable:
+        batch = batch.copy()
     x = torch.as_tensor(batch)
     if x.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 in [0, 255], got dtype {x.dtype}")
