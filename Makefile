@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 # Torch is installed first so clusters can pick their own build: `make setup TORCH="torch==2.x"`.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= train,eval,dev
+EXTRAS ?= train,eval,notebooks,dev
 BIN    := $(VENV)/bin
 
 .PHONY: setup test lint format bench clean

@@ -1,5 +1,5 @@
 """Command line (``diversedit`` or ``python -m diversedit``): prepare, train, sample, evaluate,
-bench.
+reproduce, report, bench.
 
 Exit codes: 0 done, 2 invalid parameters (nothing written), 85 preempted after a checkpoint
 (SIGTERM / SIGUSR1: requeue the job; it resumes automatically).
@@ -36,6 +36,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .metrics.evaluate import main as evaluate_main
 
     raise SystemExit(evaluate_main(args.rest))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    print(f"report: {build_report(args.results, args.published).resolve()}")
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, str]:
@@ -132,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     ev.add_argument("rest", nargs=argparse.REMAINDER)
     ev.set_defaults(func=_evaluate)
+    report = sub.add_parser("report", help="aggregate results/ and render the HTML report")
+    report.add_argument("--results", type=Path, default=Path("results"))
+    report.add_argument("--published", type=Path, default=Path("params/published"))
+    report.set_defaults(func=_report)
     bench = sub.add_parser("bench", help="training-step and sampler throughput, JSON out")
     bench.add_argument("--sizes", default="tiny", help="comma list: tiny,S/2,B/2,L/2,XL/2")
     bench.add_argument("--variants", default="", help="comma list (default: all)")
