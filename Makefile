@@ -1,4 +1,6 @@
-# DiverseDiT reproducibility suite.  `make test` sets everything up and runs lint + tests.
+# DiverseDiT reproducibility suite.
+#   make reproduce   set up, run the smoke tier of every table (CPU), render the HTML report
+#   make test        set up, lint, run the tests (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 # Torch is installed first so clusters can pick their own build: `make setup TORCH="torch==2.x"`.
@@ -6,7 +8,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= train,eval,notebooks,dev
 BIN    := $(VENV)/bin
 
-.PHONY: setup test lint format bench clean
+.PHONY: setup test lint format reproduce report bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +27,12 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+reproduce: setup  # the report is rendered even when a row failed; the exit status keeps the failure
+	$(BIN)/diversedit reproduce --tier smoke; status=$$?; $(BIN)/diversedit report && exit $$status
+
+report: setup
+	$(BIN)/diversedit report
 
 format: setup
 	$(BIN)/ruff check --fix .

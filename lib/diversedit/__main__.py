@@ -100,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["evaluate"]:  # its own parser (also `python -m diversedit.metrics.evaluate`)
         _evaluate(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] == ["reproduce"]:  # its own parser (also `python -m diversedit.runner`)
+        from .runner import main as reproduce_main
+
+        raise SystemExit(reproduce_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="diversedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="ImageNet folder → ADM crops + SD-VAE latent moments")
@@ -138,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     ev.add_argument("rest", nargs=argparse.REMAINDER)
     ev.set_defaults(func=_evaluate)
+    sub.add_parser("reproduce", help="run the table notebooks with papermill (--tier smoke|paper)")
     report = sub.add_parser("report", help="aggregate results/ and render the HTML report")
     report.add_argument("--results", type=Path, default=Path("results"))
     report.add_argument("--published", type=Path, default=Path("params/published"))

@@ -1,21 +1,28 @@
 """One table row end to end: train (or reuse) → sample → evaluate → results file.
 
-Every notebook in ``notebooks/`` calls :func:`run_row` with the flat parameters of one row file
-``params/<table>/<tier>/<row>.yaml`` (what papermill injects). Runs are keyed by their config
-hash, so a row shared by several tables trains once.
+Every table notebook in ``notebooks/`` calls :func:`run_row` with the flat parameters of one row
+file ``params/<notebook stem>/<tier>/<row>.yaml`` (what papermill injects) and displays
+:func:`comparison_table`; the CKA figure notebook calls :func:`run_cka` and :func:`cka_figure`.
+Runs are keyed by their config hash, so a row shared by several tables trains once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from .config import ConfigError, RunConfig, load_config
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+    from pandas.io.formats.style import Styler
 
 TIERS = ("smoke", "mini", "paper")
 EXTRACTORS = ("inception", "digits-cnn")
@@ -58,19 +65,16 @@ class RowParams:
 
     def training_overrides(self) -> dict[str, str]:
         """``overrides`` as a mapping, plus this row's results directory."""
-        out = {"results_dir": self.results_dir}
-        for item in filter(None, (part.strip() for part in self.overrides.split(";"))):
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError("overrides", f"expected key=value, got {item!r}")
-            out[key.strip()] = value.strip()
-        return out
+        return parse_overrides(self.overrides, self.results_dir)
 
     def run_config(self, check_paths: bool = True) -> RunConfig:
         return load_config(self.train, self.training_overrides(), check_paths=check_paths)
 
     def row_dir(self) -> Path:
         return Path(self.results_dir) / self.table / self.tier / self.row
+
+
+ROW_PARAMETERS = tuple(f.name for f in fields(RowParams))  # a table notebook's parameters
 
 
 def load_row(path: str | Path, **overrides: Any) -> RowParams:
@@ -81,10 +85,20 @@ def load_row(path: str | Path, **overrides: Any) -> RowParams:
 
 def row_params(data: dict[str, Any], source: str = "<parameters>") -> RowParams:
     """Build :class:`RowParams` from flat values (papermill may pass numbers as strings)."""
-    known = {f.name: f for f in fields(RowParams)}
+    return _flat_params(RowParams, data, source)
+
+
+_P = TypeVar("_P")
+
+
+def _flat_params(cls: type[_P], data: Mapping[str, Any], source: str) -> _P:
+    """``cls(**data)`` for a flat dataclass, converting int/float fields given as strings."""
+    known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ConfigError(unknown[0], f"unknown row parameter; known: {sorted(known)}", source)
+        raise ConfigError(
+            unknown[0], f"unknown {cls.__name__} parameter; known: {sorted(known)}", source
+        )
     values = {}
     for key, value in data.items():
         kind = known[key].type
@@ -93,11 +107,22 @@ def row_params(data: dict[str, Any], source: str = "<parameters>") -> RowParams:
         except (TypeError, ValueError):
             raise ConfigError(key, f"expected {kind}, got {value!r}", source) from None
     try:
-        return RowParams(**values)
+        return cls(**values)
     except TypeError as err:
         raise ConfigError("row", str(err), source) from None
     except ConfigError as err:
         raise err.located(source) from None
+
+
+def parse_overrides(text: str, results_dir: str) -> dict[str, str]:
+    """``"a.b=1; c=x"`` → ``{"results_dir": results_dir, "a.b": "1", "c": "x"}``."""
+    out = {"results_dir": results_dir}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError("overrides", f"expected key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _reference(params: RowParams, cfg: RunConfig) -> Path:
@@ -168,3 +193,173 @@ def run_row(params: RowParams) -> dict[str, Any]:
     )
     write_result(result, params.results_dir)
     return dataclasses.asdict(result)
+
+
+def comparison_table(params: RowParams) -> Styler:
+    """The row's table at its tier: reproduced beside published numbers, pending rows greyed."""
+    from .report import styled_table
+    from .results import aggregate, table_id
+
+    return styled_table(aggregate(params.results_dir), table_id(params.table), params.tier)
+
+
+# --------------------------------------------------------------------------- CKA figure (f01)
+
+CKA_RUNS = ("sit", "repa", "diversedit")
+CKA_METRIC = "mean_offdiag_CKA"  # mean over block pairs i != j of the last snapshot
+
+
+@dataclass(frozen=True)
+class CkaParams:
+    """The flat parameters of the CKA figure notebook: three runs, each a train file + overrides."""
+
+    sit: str  # training params file of the SiT run
+    repa: str  # … of the REPA run
+    diversedit: str  # … of the DiverseDiT run
+    sit_overrides: str = ""  # dotted overrides, as RowParams.overrides
+    repa_overrides: str = ""
+    diversedit_overrides: str = ""
+    table: str = "f01"
+    row: str = "cka"
+    tier: str = "smoke"
+    label: str = "Inter-block CKA: SiT vs REPA vs DiverseDiT"
+    results_dir: str = "results"
+
+    def __post_init__(self) -> None:
+        if self.tier not in TIERS:
+            raise ConfigError("tier", f"invalid value {self.tier!r}")
+
+    def run_configs(self, check_paths: bool = True) -> dict[str, RunConfig]:
+        """The three runs' configurations; each must take CKA snapshots (logging.cka_every)."""
+        out = {}
+        for name in CKA_RUNS:
+            key = f"{name}_overrides"
+            overrides = parse_overrides(getattr(self, key), self.results_dir)
+            try:
+                cfg = load_config(getattr(self, name), overrides, check_paths=check_paths)
+            except ConfigError as err:
+                raise ConfigError(f"{name}: {err.key}", err.detail, err.source) from None
+            if cfg.logging.cka_every <= 0:
+                raise ConfigError(key, f"{name}: logging.cka_every must be > 0 for CKA snapshots")
+            out[name] = cfg
+        return out
+
+    def run_dirs(self) -> dict[str, Path]:
+        return {name: cfg.run_dir() for name, cfg in self.run_configs(check_paths=False).items()}
+
+
+CKA_PARAMETERS = tuple(f.name for f in fields(CkaParams))  # the CKA notebook's parameters
+
+
+def cka_params(data: dict[str, Any], source: str = "<parameters>") -> CkaParams:
+    """Build :class:`CkaParams` from flat values."""
+    return _flat_params(CkaParams, data, source)
+
+
+def mean_offdiag(matrix: Any) -> float:
+    """Mean of the off-diagonal entries of an (L, L) matrix (NaN entries ignored)."""
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=np.float64)
+    values = m[~np.eye(m.shape[0], dtype=bool)]
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else math.nan
+
+
+def run_cka(params: CkaParams) -> dict[str, Any]:
+    """Train (or reuse) the three runs; write the mean off-diagonal CKA of each run's last
+    snapshot as ``mean_offdiag_CKA_<run>`` to ``<results>/<table>/<tier>/<row>/metrics.json``."""
+    from .report import load_cka
+    from .results import RowResult, write_result
+    from .train import train
+
+    configs = params.run_configs()
+    metrics, runs = {}, {}
+    for name, cfg in configs.items():
+        run_dir = train(cfg)
+        snapshots = load_cka(run_dir)
+        if not snapshots:
+            raise RuntimeError(f"{run_dir}: no CKA snapshots (cka/step_*.npy)")
+        step, matrix = snapshots[-1]
+        metrics[f"{CKA_METRIC}_{name}"] = mean_offdiag(matrix)
+        runs[name] = {"run_dir": str(run_dir), "config_hash": cfg.hash(), "step": step}
+    probe = min(cfg.logging.cka_probe_size for cfg in configs.values())
+    steps = {cfg.optim.max_steps for cfg in configs.values()}
+    result = RowResult(
+        table=params.table,
+        row=params.row,
+        tier=params.tier,
+        label=params.label,
+        metrics=metrics,
+        metric_info={
+            "N_samples": probe,
+            "N_ref": probe,
+            "extractor": "linear CKA (unbiased HSIC_1) of block outputs on a fixed probe batch",
+            "sampler": {"mode": "none"},
+            "runs": runs,
+        },
+        train_steps=steps.pop() if len(steps) == 1 else None,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    write_result(result, params.results_dir)
+    return dataclasses.asdict(result)
+
+
+def cka_figure(run_dirs: Mapping[str, str | Path], max_steps: int = 12) -> go.Figure:
+    """Block × block CKA heatmaps, one panel per run, with a slider over the training steps."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from .report import load_cka
+
+    snaps = {name: load_cka(d) for name, d in run_dirs.items()}
+    empty = [name for name, s in snaps.items() if not s]
+    if empty:
+        raise ValueError(f"no CKA snapshots for {empty}")
+    all_steps = sorted({step for s in snaps.values() for step, _ in s})
+    picks = sorted(
+        {round(i * (len(all_steps) - 1) / max(max_steps - 1, 1)) for i in range(max_steps)}
+    )
+    steps = [all_steps[i] for i in picks if i < len(all_steps)]
+    fig = make_subplots(rows=1, cols=len(snaps), subplot_titles=list(snaps))
+    for k, step in enumerate(steps):
+        for col, series in enumerate(snaps.values(), start=1):
+            at, mat = max(
+                (s for s in series if s[0] <= step), default=series[0], key=lambda s: s[0]
+            )
+            blocks = list(range(1, mat.shape[0] + 1))
+            fig.add_trace(
+                go.Heatmap(
+                    z=mat.tolist(),
+                    x=blocks,
+                    y=blocks,
+                    zmin=0.0,
+                    zmax=1.0,
+                    colorscale="Viridis",
+                    showscale=col == 1,
+                    visible=k == len(steps) - 1,
+                    name=f"step {at}",
+                    hovertemplate="block %{y} vs %{x}: %{z:.3f}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+    n = len(snaps)
+    slider = [
+        {
+            "label": str(step),
+            "method": "update",
+            "args": [{"visible": [t // n == k for t in range(n * len(steps))]}],
+        }
+        for k, step in enumerate(steps)
+    ]
+    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(title_text="block", col=1)
+    fig.update_xaxes(title_text="block")
+    fig.update_layout(
+        title="Inter-block linear CKA during training",
+        height=420,
+        width=360 * n,
+        sliders=[{"active": len(steps) - 1, "currentvalue": {"prefix": "step "}, "steps": slider}],
+    )
+    return fig

@@ -1,0 +1,528 @@
+"""Batch runner: every row file of a tier through its notebook with papermill.
+
+``reproduce(["t01"], "smoke")`` runs ``notebooks/t01_model_scales.py`` (jupytext, converted to
+``.ipynb`` at run time) once per row file ``params/t01_model_scales/smoke/<row>.yaml`` into
+``results/t01/smoke/<row>/`` (``notebook.ipynb``, logs, and the ``metrics.json`` that the
+notebook writes last). A row is done only when its ``metrics.json`` exists after a run without
+error; done rows are skipped unless forced. Failures (a cell error, a dead kernel, anything) do
+not stop the batch; they make the return value non-zero. A summary goes to stdout and to
+``results/<tier>-runs.json``.
+
+``validate_params()`` checks every notebook and row file without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .results import TIERS, atomic_write_bytes, table_id
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KERNEL_NAME = "diversedit"
+METRICS_FILE = "metrics.json"
+# papermill runs: plotly figures carry HTML (blank in nbconvert otherwise), no progress bars
+RUN_ENV = {"PLOTLY_RENDERER": "plotly_mimetype+notebook", "TQDM_DISABLE": "1"}
+SMOKE_ENV = {"OMP_NUM_THREADS": "1"}  # tiny CPU models: one intra-op thread is fastest
+SHELL_ESCAPES = ("!", "%%bash", "%%sh", "%%script", "%sx", "%system")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row file of one notebook at one tier."""
+
+    stem: str  # notebook stem, e.g. t01_model_scales
+    table: str  # table id, e.g. t01
+    tier: str
+    row: str  # row slug = the row file's stem
+    notebook: Path
+    params_file: Path
+
+    def out_dir(self, results_dir: str | Path) -> Path:
+        return Path(results_dir) / self.table / self.tier / self.row
+
+
+@dataclass
+class Outcome:
+    """What happened to one row in a batch."""
+
+    table: str
+    row: str
+    tier: str
+    status: str  # done | skipped | failed
+    seconds: float
+    error: str | None
+    out_dir: str
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def notebook_stems(root: str | Path = REPO_ROOT) -> list[str]:
+    """Stems of ``notebooks/[tf]NN_*.py`` (other notebooks, e.g. the report, are not rows)."""
+    stems = []
+    for path in sorted(Path(root, "notebooks").glob("*.py")):
+        try:
+            table_id(path.stem)
+        except ValueError:
+            continue
+        stems.append(path.stem)
+    return stems
+
+
+def discover(
+    tables: Sequence[str] | None,
+    tier: str,
+    rows: Sequence[str] | None = None,
+    root: str | Path = REPO_ROOT,
+) -> list[Row]:
+    """The rows to run: ``tables`` are ids (``t01``) or stems; ``rows`` are row slugs."""
+    root = Path(root)
+    stems = notebook_stems(root)
+    if tables:
+        unknown = [t for t in tables if not any(t in (s, table_id(s)) for s in stems)]
+        if unknown:
+            raise ValueError(f"unknown table(s) {unknown}; notebooks: {stems}")
+        stems = [s for s in stems if s in tables or table_id(s) in tables]
+    found = [
+        Row(s, table_id(s), tier, f.stem, root / "notebooks" / f"{s}.py", f)
+        for s in stems
+        for f in sorted((root / "params" / s / tier).glob("*.yaml"))
+    ]
+    if rows:
+        missing = sorted(set(rows) - {r.row for r in found})
+        if missing:
+            raise ValueError(f"no {tier} row file for row(s) {missing} in {stems}")
+        found = [r for r in found if r.row in rows]
+    if not found:
+        raise ValueError(f"no {tier} row files under params/<stem>/{tier}/ for {stems}")
+    return found
+
+
+def to_ipynb(source: str | Path, dest: str | Path) -> Path:
+    """Convert a jupytext ``py:percent`` notebook to ``.ipynb`` (papermill cannot read .py)."""
+    import jupytext
+
+    nb = jupytext.read(str(source))
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    jupytext.write(nb, str(dest), fmt="ipynb")
+    return dest
+
+
+def read_row_file(path: str | Path) -> dict[str, Any]:
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a row file must be a mapping of parameters")
+    return data
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def ensure_kernel(name: str = KERNEL_NAME) -> str:
+    """Register kernelspec ``name`` for this interpreter in ``sys.prefix`` (a venv or conda env)
+    unless one that runs this interpreter is already visible; returns ``name``."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    def current() -> Any:
+        try:
+            return KernelSpecManager().get_kernel_spec(name)
+        except NoSuchKernel:
+            return None
+
+    spec = current()
+    if spec is None or os.path.abspath(spec.argv[0]) != os.path.abspath(sys.executable):
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=name, display_name="Python (diversedit)", prefix=sys.prefix)
+        spec = current()
+        if spec is None or os.path.abspath(spec.argv[0]) != os.path.abspath(sys.executable):
+            where = spec.resource_dir if spec else "?"
+            warnings.warn(f"kernel {name!r} ({where}) does not run {sys.executable}", stacklevel=2)
+    return name
+
+
+def default_kernel() -> str:
+    """``diversedit`` (registered by :func:`ensure_kernel` if needed), else ``python3``."""
+    try:
+        return ensure_kernel()
+    except Exception as err:  # e.g. a read-only environment
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        warnings.warn(f"cannot register the {KERNEL_NAME!r} kernel: {err}", stacklevel=2)
+        found = KERNEL_NAME in KernelSpecManager().find_kernel_specs()
+        return KERNEL_NAME if found else "python3"
+
+
+# --------------------------------------------------------------------------- running
+
+
+@contextmanager
+def _environ(values: Mapping[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_env(tier: str) -> dict[str, str]:
+    """Environment of a row's kernel: RUN_ENV, plus SMOKE_ENV for the smoke tier unless the
+    caller set those variables."""
+    extra = {k: v for k, v in SMOKE_ENV.items() if k not in os.environ} if tier == "smoke" else {}
+    return RUN_ENV | extra
+
+
+def _describe(err: BaseException) -> str:
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(err, PapermillExecutionError):
+        return f"{err.ename}: {err.evalue} (cell {err.exec_count})"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _results_param(results_dir: Path, root: Path) -> str:
+    """Relative to the repository root (the kernel's cwd) when inside it, else absolute, so a
+    run's recorded ``results_dir`` is the same from the runner and from an interactive kernel."""
+    try:
+        return str(results_dir.relative_to(root.resolve()))
+    except ValueError:
+        return str(results_dir)
+
+
+def run_one(
+    row: Row,
+    results_dir: str | Path,
+    kernel: str,
+    *,
+    force: bool = False,
+    root: str | Path = REPO_ROOT,
+) -> Outcome:
+    """Execute one row's notebook; never raises for the row's own failures."""
+    from papermill import execute_notebook
+
+    root = Path(root)
+    results_dir = Path(results_dir).resolve()
+    out = row.out_dir(results_dir)
+    metrics = out / METRICS_FILE
+    if metrics.is_file() and not force:
+        return Outcome(row.table, row.row, row.tier, "skipped", 0.0, None, str(out))
+    start, error = time.perf_counter(), None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics.unlink(missing_ok=True)  # forced: only this run's file may count
+        params = read_row_file(row.params_file) | {"results_dir": _results_param(results_dir, root)}
+        (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        source = to_ipynb(row.notebook, out / "notebook.input.ipynb")
+        with (
+            _environ(_run_env(row.tier)),
+            open(out / "stdout.log", "w") as stdout,
+            open(out / "stderr.log", "w") as stderr,
+        ):
+            execute_notebook(
+                str(source),
+                str(out / "notebook.ipynb"),
+                parameters=params,
+                kernel_name=kernel,
+                language="python",
+                cwd=str(root),
+                progress_bar=False,
+                stdout_file=stdout,
+                stderr_file=stderr,
+                start_timeout=300,  # cold nodes
+                shutdown_kernel="immediate",  # results are on disk; saves ~2 s of torch teardown
+            )
+    except Exception as err:  # a cell error, a dead kernel, a bad row file: the row failed
+        error = _describe(err)
+    if error is None and not metrics.is_file():
+        error = f"the notebook finished without writing {metrics}"
+    status = "failed" if error else "done"
+    seconds = round(time.perf_counter() - start, 1)
+    return Outcome(row.table, row.row, row.tier, status, seconds, error, str(out))
+
+
+def _summary(outcomes: Sequence[Outcome]) -> str:
+    width = max([len("table/row"), *(len(f"{o.table}/{o.row}") for o in outcomes)])
+    lines = [f"{'table/row':<{width}}  {'status':<7}  {'seconds':>7}  error"]
+    for o in outcomes:
+        err = (o.error or "")[:120]
+        lines.append(f"{o.table + '/' + o.row:<{width}}  {o.status:<7}  {o.seconds:>7.1f}  {err}")
+    done = sum(o.status != "failed" for o in outcomes)
+    lines.append(f"{done}/{len(outcomes)} rows done ({sum(o.seconds for o in outcomes):.0f} s)")
+    return "\n".join(lines)
+
+
+def _write_runs(results_dir: Path, tier: str, outcomes: Sequence[Outcome]) -> Path:
+    """Merge this batch into ``<results_dir>/<tier>-runs.json`` (one entry per table/row)."""
+    path = results_dir / f"{tier}-runs.json"
+    entries: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        try:
+            entries = {f"{e['table']}/{e['row']}": e for e in json.loads(path.read_text())["rows"]}
+        except (ValueError, KeyError, TypeError):
+            entries = {}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for o in outcomes:
+        entries[f"{o.table}/{o.row}"] = asdict(o) | {"finished": stamp}
+    doc = {"tier": tier, "updated": stamp, "rows": [entries[k] for k in sorted(entries)]}
+    atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode())
+    return path
+
+
+def reproduce(
+    tables: Sequence[str] | None,
+    tier: str,
+    *,
+    results_dir: str | Path = "results",
+    force: bool = False,
+    kernel: str | None = None,
+    rows: Sequence[str] | None = None,
+    root: str | Path = REPO_ROOT,
+) -> int:
+    """Run every selected row of ``tier``; 0 when all rows are done, else 1.
+
+    ``tables``: table ids or notebook stems (None: all); ``rows``: row slugs (None: all);
+    ``results_dir`` is relative to the current directory; ``root`` holds notebooks/ and params/
+    and is the kernels' working directory. Raises ValueError for unknown tables, rows or tiers.
+    """
+    if tier not in TIERS:
+        raise ValueError(f"tier {tier!r} is not one of {TIERS}")
+    selected = discover(tables, tier, rows, root)
+    kernel = kernel or default_kernel()
+    results = Path(results_dir).resolve()
+    outcomes = []
+    for i, row in enumerate(selected, start=1):
+        outcome = run_one(row, results, kernel, force=force, root=root)
+        outcomes.append(outcome)
+        note = f" — {outcome.error}" if outcome.error else ""
+        print(
+            f"[{i}/{len(selected)}] {row.table}/{tier}/{row.row}: {outcome.status} "
+            f"({outcome.seconds:.1f} s){note}",
+            flush=True,
+        )
+    print(_summary(outcomes))
+    print(f"summary: {_write_runs(results, tier, outcomes)}")
+    return 0 if all(o.status != "failed" for o in outcomes) else 1
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def notebook_problems(path: str | Path) -> list[str]:
+    """Exactly one ``parameters`` cell, kernelspec ``diversedit``, no shell escapes."""
+    import jupytext
+
+    nb = jupytext.read(str(path))
+    problems = []
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(tagged) != 1:
+        problems.append(f"{len(tagged)} cells tagged 'parameters' (need exactly 1)")
+    kernel = nb.metadata.get("kernelspec", {}).get("name")
+    if kernel != KERNEL_NAME:
+        problems.append(f"kernelspec name {kernel!r} (need {KERNEL_NAME!r})")
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        for line in cell.source.splitlines():
+            if line.lstrip().startswith(SHELL_ESCAPES):
+                problems.append(f"cell {i}: shell escape {line.strip()!r} (use subprocess)")
+    return problems
+
+
+def notebook_parameters(path: str | Path) -> dict[str, Any]:
+    """``{name: default value}`` of a notebook's parameters cell, as papermill infers them."""
+    from papermill import inspect_notebook
+
+    with tempfile.TemporaryDirectory() as tmp:
+        info = inspect_notebook(str(to_ipynb(path, Path(tmp) / "nb.ipynb")))
+    return {name: ast.literal_eval(p["default"]) for name, p in info.items()}
+
+
+def schema_problem(names: Sequence[str]) -> str | None:
+    """None when ``names`` are exactly RowParams' or CkaParams' fields, else the difference."""
+    from .pipeline import CKA_PARAMETERS, ROW_PARAMETERS
+
+    if set(names) in (set(ROW_PARAMETERS), set(CKA_PARAMETERS)):
+        return None
+    closest = min((ROW_PARAMETERS, CKA_PARAMETERS), key=lambda s: len(set(s) ^ set(names)))
+    missing, extra = sorted(set(closest) - set(names)), sorted(set(names) - set(closest))
+    return (
+        f"parameters are neither RowParams' nor CkaParams' fields: missing {missing}, extra "
+        f"{extra} (a line with two '=' is skipped by papermill's parameter inspection)"
+    )
+
+
+def row_configs(values: Mapping[str, Any], source: str = "<row>") -> list[Any]:
+    """The RunConfigs a notebook builds from these complete parameters (paths not checked)."""
+    from .pipeline import CKA_PARAMETERS, cka_params, row_params
+
+    problem = schema_problem(list(values))
+    if problem:
+        raise ValueError(problem)
+    if set(values) == set(CKA_PARAMETERS):
+        return list(cka_params(dict(values), source).run_configs(check_paths=False).values())
+    return [row_params(dict(values), source).run_config(check_paths=False)]
+
+
+def _row_file_problems(
+    path: Path, stem: str, tier: str, declared: Mapping[str, Any]
+) -> tuple[list[str], list[Any]]:
+    try:
+        values = read_row_file(path)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        return [str(err)], []
+    problems = [
+        f"{k!r} is not a parameter of notebooks/{stem}.py" for k in values if k not in declared
+    ]
+    expected = {"table": table_id(stem), "row": path.stem, "tier": tier}
+    for key, want in expected.items():
+        if values.get(key) != want:
+            problems.append(f"{key} is {values.get(key)!r}, expected {want!r}")
+    for key, value in values.items():
+        default = declared.get(key)
+        numeric = isinstance(default, int | float) and not isinstance(default, bool)
+        if numeric and (isinstance(value, bool) or not isinstance(value, int | float)):
+            problems.append(f"{key}: {value!r} is not a number (YAML floats need a dot: 1.0e-4)")
+    if problems:
+        return problems, []
+    try:
+        configs = row_configs(dict(declared) | values | {"results_dir": "results"}, str(path))
+    except ValueError as err:  # ConfigError is a ValueError
+        return [str(err)], []
+    return [], configs
+
+
+def validate_params(root: str | Path = REPO_ROOT) -> list[str]:
+    """Every problem of the notebooks and their row files (empty when all are valid).
+
+    Per notebook: one parameters cell, no shell escapes, a smoke tier. Per row file: keys are
+    notebook parameters (``papermill.inspect_notebook``), numbers are numbers, ``table``/``row``/
+    ``tier`` match its place, and it builds RowParams (or CkaParams) and RunConfigs. Across row
+    files: rows that share a run (config hash) resolve to the same configuration, or the trainer
+    would refuse the second one.
+    """
+    root = Path(root)
+    problems: list[str] = []
+    shared: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
+    for stem in notebook_stems(root):
+        nb_path = root / "notebooks" / f"{stem}.py"
+        problems += [f"notebooks/{stem}.py: {p}" for p in notebook_problems(nb_path)]
+        try:
+            declared = notebook_parameters(nb_path)
+        except (ValueError, SyntaxError) as err:
+            problems.append(f"notebooks/{stem}.py: parameters: {err}")
+            continue
+        problem = schema_problem(list(declared))
+        if problem:
+            problems.append(f"notebooks/{stem}.py: {problem}")
+            continue
+        tiers = sorted(d.name for d in (root / "params" / stem).glob("*") if d.is_dir())
+        if "smoke" not in tiers or not any((root / "params" / stem / "smoke").glob("*.yaml")):
+            problems.append(f"params/{stem}: no smoke row files")
+        for tier in tiers:
+            if tier not in TIERS:
+                problems.append(f"params/{stem}/{tier}: not a tier {TIERS}")
+                continue
+            for path in sorted((root / "params" / stem / tier).glob("*.yaml")):
+                found, configs = _row_file_problems(path, stem, tier, declared)
+                rel = path.relative_to(root)
+                problems += [f"{rel}: {p}" for p in found]
+                for cfg in configs:
+                    key, resolved = (tier, cfg.hash()), cfg.to_dict()
+                    first = shared.setdefault(key, (rel, resolved))
+                    if first[1] != resolved:
+                        problems.append(
+                            f"{rel}: shares run {cfg.hash()} with {first[0]} but differs in "
+                            "unhashed settings (name, logging, checkpoint, workers)"
+                        )
+    return problems
+
+
+def run_waves(rows: Sequence[Row]) -> list[tuple[Row, int]]:
+    """Wave 1: the first row of each distinct set of runs; wave 2: rows whose runs all appear in
+    wave 1 (on a cluster they only sample and evaluate, after wave 1 has trained)."""
+    cache: dict[str, dict[str, Any]] = {}
+    dirs: list[set[str]] = []
+    for row in rows:
+        if row.stem not in cache:
+            cache[row.stem] = notebook_parameters(row.notebook)
+        values = cache[row.stem] | read_row_file(row.params_file) | {"results_dir": "results"}
+        dirs.append({str(cfg.run_dir()) for cfg in row_configs(values, str(row.params_file))})
+    seen: set[str] = set()
+    waves = [1] * len(rows)
+    for i in sorted(range(len(rows)), key=lambda i: len(dirs[i])):  # one-run rows train first
+        waves[i] = 2 if dirs[i] <= seen else 1
+        seen |= dirs[i]
+    return list(zip(rows, waves, strict=True))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None, *, root: str | Path = REPO_ROOT) -> int:
+    """``diversedit reproduce [TABLE …] --tier smoke|paper [--results DIR] [--force]
+    [--kernel NAME] [--rows ROW[,ROW …]] [--validate] [--list [--wave 1|2]]``."""
+    p = argparse.ArgumentParser(
+        prog="diversedit reproduce",
+        description="Run the table notebooks with papermill, one execution per row file.",
+    )
+    p.add_argument("tables", nargs="*", help="table ids (t01) or notebook stems; default: all")
+    p.add_argument("--tier", default="smoke", choices=TIERS)
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--force", action="store_true", help="rerun rows that are already done")
+    p.add_argument("--kernel", default=None, help="Jupyter kernel (default: diversedit)")
+    p.add_argument(
+        "--rows", action="append", default=[], help="row slugs, comma-separated (repeatable)"
+    )
+    p.add_argument("--validate", action="store_true", help="check notebooks and row files only")
+    p.add_argument("--list", action="store_true", help="print 'STEM ROW' per selected row")
+    p.add_argument("--wave", type=int, choices=(1, 2), help="with --list: rows of one wave")
+    args = p.parse_args(argv)
+    rows = [r for item in args.rows for r in item.split(",") if r] or None
+    try:
+        if args.validate:
+            problems = validate_params(root)
+            print("\n".join(problems) or "all notebooks and row files are valid")
+            return 1 if problems else 0
+        if args.list:
+            selected = discover(args.tables or None, args.tier, rows, root)
+            for row, wave in run_waves(selected):
+                if args.wave in (None, wave):
+                    print(row.stem, row.row)
+            return 0
+        return reproduce(
+            args.tables or None,
+            args.tier,
+            results_dir=args.results,
+            force=args.force,
+            kernel=args.kernel,
+            rows=rows,
+            root=root,
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""Notebooks, row params and the papermill batch runner.
+
+(a) every notebook and row file validates; the checks themselves catch bad files;
+(b) the runner on a fake table: failing, silent and good rows, skip-if-done, --force;
+(c) the real smoke suite: every notebook, every smoke row, under papermill (minutes).
+"""
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diversedit.pipeline import CKA_RUNS, ROW_PARAMETERS
+from diversedit.results import load_published
+from diversedit.runner import (
+    REPO_ROOT,
+    discover,
+    ensure_kernel,
+    main,
+    notebook_problems,
+    notebook_stems,
+    read_row_file,
+    reproduce,
+    row_configs,
+    validate_params,
+)
+
+STEMS = notebook_stems()
+
+# --------------------------------------------------------------------------- (a) validation
+
+
+def test_every_notebook_and_row_file_validates():
+    assert STEMS == [
+        "f01_cka",
+        "t01_model_scales",
+        "t02_sota_cfg",
+        "t03_component_ablation",
+        "t04_loss_terms",
+        "t05_adaptive_range",
+        "t06_meanflow_one_step",
+        "t07_complementarity",
+    ]
+    assert validate_params() == []
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_notebook_has_one_parameters_cell_and_no_shell_escapes(stem):
+    path = REPO_ROOT / "notebooks" / f"{stem}.py"
+    assert notebook_problems(path) == []
+    text = path.read_text()
+    assert text.count('# %% tags=["parameters"]') == 1
+    assert not [line for line in text.splitlines() if line.lstrip().startswith("!")]
+
+
+@pytest.mark.parametrize("stem", [s for s in STEMS if s.startswith("t")])
+def test_row_files_cover_the_published_rows(stem):
+    """One smoke and one paper file per reproducible published row (references excluded)."""
+    published = load_published(stem)
+    wanted = {r["row"] for r in published["rows"] if r["kind"] == "reproduce"}
+    for tier in ("smoke", "paper"):
+        files = {p.stem for p in (REPO_ROOT / "params" / stem / tier).glob("*.yaml")}
+        assert files == wanted, tier
+    notebook = (REPO_ROOT / "notebooks" / f"{stem}.py").read_text()
+    assert all(f"\n{name}: " in notebook for name in ROW_PARAMETERS)
+
+
+def _run_dirs(stem: str, tier: str, row: str) -> list[str]:
+    """The run directories a row trains or reuses (row files hold every parameter but
+    results_dir)."""
+    values = read_row_file(REPO_ROOT / "params" / stem / tier / f"{row}.yaml")
+    return [str(c.run_dir()) for c in row_configs({"results_dir": "results"} | values)]
+
+
+@pytest.mark.parametrize("tier", ["smoke", "paper"])
+def test_rows_shared_between_tables_are_one_run(tier):
+    def run(stem: str, row: str) -> str:
+        return _run_dirs(stem, tier, row)[0]
+
+    ours = {
+        run("t01_model_scales", "sit-b-ours"),
+        run("t03_component_ablation", "sit-b-full"),
+        run("t05_adaptive_range", "range-0.1-0.5"),
+    }
+    assert len(ours) == 1
+    sit = {run(s, "sit-b") for s in STEMS if s[:3] in ("t01", "t03", "t05", "t07")}
+    repa = {run(s, "repa-b") for s in STEMS if s[:3] in ("t01", "t03", "t04", "t07")}
+    assert len(sit) == 1 and len(repa) == 1
+    assert run("t04_loss_terms", "full") == run("t01_model_scales", "repa-b-ours")
+    assert run("t02_sota_cfg", "diversedit-80ep") == run("t01_model_scales", "repa-xl-ours")
+    assert run("t02_sota_cfg", "diversedit-200ep") != run("t01_model_scales", "repa-xl-ours")
+    assert _run_dirs("f01_cka", tier, "cka") == [*sit, *repa, *ours]
+    assert len(sit | repa | ours) == 3
+
+
+def test_paper_rows_use_the_paper_protocol():
+    for stem in STEMS:
+        for path in (REPO_ROOT / "params" / stem / "paper").glob("*.yaml"):
+            v = read_row_file(path)
+            if stem.startswith("f"):
+                continue
+            assert v["num_samples"] == 50_000 and v["extractor"] == "inception", path
+            assert v["reference"] == "data/VIRTUAL_imagenet256_labeled.npz", path
+            steps = 1 if v["sampler"] == "meanflow" else 250
+            assert v["sampler_steps"] == steps, path
+            cfg = (1.8, 0.7) if stem.startswith("t02") else (1.0, 1.0)
+            assert (v["cfg_scale"], v["guidance_high"]) == cfg, path
+            assert not v["train"].startswith("params/train/digits"), path
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_validation_catches_bad_notebooks_and_row_files(tmp_path):
+    stem = "t01_model_scales"
+    source = (REPO_ROOT / "notebooks" / f"{stem}.py").read_text()
+    _write(tmp_path / "notebooks" / f"{stem}.py", source + "\n# %%\n!ls\n")
+    _write(
+        tmp_path / "notebooks" / "t02_broken.py",
+        source.replace('overrides: str = ""', 'overrides: str = "a=1"'),
+    )
+    good = read_row_file(REPO_ROOT / "params" / stem / "smoke" / "sit-b.yaml")
+    good["train"] = str(REPO_ROOT / good["train"])
+    rows = tmp_path / "params" / stem / "smoke"
+    cases = {
+        "sit-b": {},
+        "unknown-key": {"row": "unknown-key", "learning_rate": 1.0},
+        "wrong-slug": {"row": "another-slug"},
+        "float-trap": {"row": "float-trap", "cfg_scale": "1e-4"},
+        "bad-override": {"row": "bad-override", "overrides": "optim.lr=0"},
+        "bad-extractor": {"row": "bad-extractor", "extractor": "dinov2"},
+    }
+    for name, change in cases.items():
+        _write(rows / f"{name}.yaml", yaml.safe_dump(good | change))
+    _write(tmp_path / "params" / stem / "huge" / "x.yaml", yaml.safe_dump(good))
+    problems = "\n".join(validate_params(tmp_path))
+    assert "shell escape '!ls'" in problems
+    assert "t02_broken.py: parameters are neither" in problems and "'overrides'" in problems
+    assert "params/t02_broken: no smoke row files" not in problems  # notebook already failed
+    assert "unknown-key.yaml: 'learning_rate' is not a parameter" in problems
+    assert "wrong-slug.yaml: row is 'another-slug', expected 'wrong-slug'" in problems
+    assert "float-trap.yaml: cfg_scale: '1e-4' is not a number" in problems
+    assert "bad-override.yaml" in problems and "optim.lr" in problems
+    assert "bad-extractor.yaml" in problems and "extractor" in problems
+    assert "huge: not a tier" in problems
+    assert "sit-b.yaml" not in problems
+
+
+def test_notebook_problems_counts_parameters_cells(tmp_path):
+    text = '# %% tags=["parameters"]\nx: int = 1\n\n# %% tags=["parameters"]\ny: int = 2\n'
+    path = _write(tmp_path / "nb.py", text)
+    problems = notebook_problems(path)
+    assert any("2 cells tagged 'parameters'" in p for p in problems)
+    assert any("kernelspec name None" in p for p in problems)
+
+
+# --------------------------------------------------------------------------- (b) fake table
+
+FAKE_NOTEBOOK = """\
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% tags=["parameters"]
+table: str = "t98"  # table id
+row: str = "good"  # row slug
+tier: str = "smoke"  # tier
+mode: str = "ok"  # ok | raise | exit | die
+results_dir: str = "results"  # results root
+
+# %%
+import json
+import os
+import pathlib
+import sys
+
+if mode == "raise":
+    raise RuntimeError("boom from the fake notebook")
+if mode == "exit":
+    sys.exit(0)  # papermill counts this as success
+if mode == "die":
+    os._exit(1)  # the kernel dies
+out = pathlib.Path(results_dir, table, tier, row)
+out.mkdir(parents=True, exist_ok=True)
+(out / "metrics.json").write_text(json.dumps({"FD_digits": 1.0, "cwd": os.getcwd()}))
+"""
+
+
+@pytest.fixture()
+def fake_root(tmp_path):
+    root = tmp_path / "repo"
+    _write(root / "notebooks" / "t98_fake.py", FAKE_NOTEBOOK)
+    _write(root / "notebooks" / "report.py", "# not a table notebook\n")
+    for row, mode in {"good": "ok", "bad": "raise", "silent": "exit", "dead": "die"}.items():
+        values = {"table": "t98", "row": row, "tier": "smoke", "mode": mode}
+        _write(root / "params" / "t98_fake" / "smoke" / f"{row}.yaml", yaml.safe_dump(values))
+    return root
+
+
+def _statuses(results: Path) -> dict[str, dict]:
+    doc = json.loads((results / "smoke-runs.json").read_text())
+    return {e["row"]: e for e in doc["rows"]}
+
+
+def test_runner_isolates_failures_and_skips_done_rows(fake_root, tmp_path, capsys):
+    results = tmp_path / "results"
+    code = reproduce(None, "smoke", results_dir=results, root=fake_root, kernel="python3")
+    assert code == 1
+    good = results / "t98" / "smoke" / "good" / "metrics.json"
+    assert json.loads(good.read_text())["cwd"] == str(fake_root)  # kernels run in the root
+    assert (results / "t98" / "smoke" / "good" / "notebook.ipynb").is_file()
+    runs = _statuses(results)
+    assert {r: e["status"] for r, e in runs.items()} == {
+        "good": "done",
+        "bad": "failed",
+        "silent": "failed",
+        "dead": "failed",
+    }
+    assert "RuntimeError: boom from the fake notebook" in runs["bad"]["error"]
+    assert "without writing" in runs["silent"]["error"]
+    assert "Dead" in runs["dead"]["error"] or "died" in runs["dead"]["error"].lower()
+    out = capsys.readouterr().out
+    assert "t98/bad" in out and "failed" in out and "1/4 rows done" in out
+
+    stamp = good.stat().st_mtime_ns
+    assert reproduce(["t98"], "smoke", results_dir=results, root=fake_root, kernel="python3") == 1
+    assert _statuses(results)["good"]["status"] == "skipped"
+    assert good.stat().st_mtime_ns == stamp
+
+    args = dict(results_dir=results, root=fake_root, kernel="python3", rows=["good"])
+    assert reproduce(["t98_fake"], "smoke", **args) == 0  # skipped counts as done
+    assert reproduce(["t98_fake"], "smoke", force=True, **args) == 0
+    assert good.stat().st_mtime_ns != stamp
+    assert _statuses(results)["good"]["status"] == "done"
+
+    stale = results / "t98" / "smoke" / "bad" / "metrics.json"
+    stale.write_text("{}")  # e.g. left by an earlier run: --force must not count it
+    args["rows"] = ["bad"]
+    assert reproduce(["t98"], "smoke", force=True, **args) == 1
+    assert not stale.exists() and _statuses(results)["bad"]["status"] == "failed"
+
+
+def test_runner_rejects_unknown_tables_and_rows(fake_root, tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown table"):
+        discover(["t42"], "smoke", root=fake_root)
+    with pytest.raises(ValueError, match="nope"):
+        discover(None, "smoke", rows=["nope"], root=fake_root)
+    assert [r.row for r in discover(["t98"], "smoke", root=fake_root)] == [
+        "bad",
+        "dead",
+        "good",
+        "silent",
+    ]
+    assert main(["t42", "--results", str(tmp_path)], root=fake_root) == 2
+    assert "unknown table" in capsys.readouterr().err
+    argv = ["t98", "--rows", "good,bad", "--results", str(tmp_path), "--kernel", "python3"]
+    assert main(argv, root=fake_root) == 1
+    assert set(_statuses(tmp_path)) == {"good", "bad"}
+
+
+def test_ensure_kernel_registers_this_interpreter():
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    assert ensure_kernel() == "diversedit"
+    spec = KernelSpecManager().get_kernel_spec("diversedit")
+    assert Path(spec.argv[0]).absolute() == Path(sys.executable).absolute()
+
+
+# --------------------------------------------------------------------------- (c) smoke suite
+
+
+@pytest.mark.notebooks
+def test_smoke_suite_runs_every_notebook(tmp_path):
+    """Every notebook × every smoke row under papermill: all done, finite digits metrics."""
+    code = reproduce(None, "smoke", results_dir=tmp_path)
+    rows = discover(None, "smoke")
+    statuses = _statuses(tmp_path)
+    assert code == 0, {r: e["error"] for r, e in statuses.items() if e["status"] == "failed"}
+    assert {r.table for r in rows} == {s[:3] for s in STEMS}
+    for row in rows:
+        out = row.out_dir(tmp_path)
+        result = json.loads((out / "metrics.json").read_text())
+        metrics = result["metrics"]
+        assert metrics and all(math.isfinite(v) for v in metrics.values()), row
+        if row.table == "f01":
+            assert set(metrics) == {f"mean_offdiag_CKA_{r}" for r in CKA_RUNS}
+            assert all(-0.1 < v <= 1.0 for v in metrics.values())
+        else:
+            assert "FD_digits" in metrics and all(k.endswith("_digits") for k in metrics), row
+            assert result["metric_info"]["extractor"].startswith("digits-cnn")
+        executed = (out / "notebook.ipynb").read_text()
+        assert "injected-parameters" in executed and "text/html" in executed  # the display
+        if row.table == "f01":
+            assert "application/vnd.plotly.v1+json" in executed  # the CKA figure
+    # shared rows train once: one run directory per distinct configuration
+    distinct = {d for row in rows for d in _run_dirs(row.stem, "smoke", row.row)}
+    assert len(list((tmp_path / "runs").iterdir())) == len(distinct) < len(rows)
