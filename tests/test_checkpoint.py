@@ -15,7 +15,7 @@ def test_save_is_atomic_and_listed_in_order(tmp_path):
     for step in (30, 10, 20):
         save_checkpoint(tmp_path, step, state(step))
     assert [s for s, _ in list_checkpoints(tmp_path)] == [10, 20, 30]
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not list(tmp_path.glob(".*.tmp"))
     loaded, path = load_latest(tmp_path)
     assert loaded["step"] == 30 and path.name == "step_00000030.pt"
 
@@ -31,7 +31,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         save_checkpoint(tmp_path, 20, state(20))
     monkeypatch.undo()
     assert [s for s, _ in list_checkpoints(tmp_path)] == [10]
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_corrupt_latest_falls_back_with_a_warning(tmp_path):
@@ -48,10 +48,10 @@ def test_corrupt_latest_falls_back_with_a_warning(tmp_path):
 def test_prune_keeps_the_newest(tmp_path):
     for step in range(1, 6):
         save_checkpoint(tmp_path, step, state(step))
-    (tmp_path / ".tmp-stray.pt").write_bytes(b"x")
+    (tmp_path / ".step_00000009.pt.x1.tmp").write_bytes(b"x")
     prune(tmp_path, keep_last=2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5]
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def take(order, n):

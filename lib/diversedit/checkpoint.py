@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import atomic_write
 
 NAME = re.compile(r"step_(\d{8})\.pt$")
 REQUIRED = ("model", "ema", "optimizer", "step")
@@ -26,18 +27,7 @@ def checkpoint_path(directory: Path, step: int) -> Path:
 
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
     """Write ``state`` for ``step`` atomically; returns the final path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(directory, step)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    final = atomic_write(checkpoint_path(directory, step), lambda f: torch.save(state, f))
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -73,5 +63,5 @@ def prune(directory: Path, keep_last: int) -> None:
     """Delete all but the ``keep_last`` newest checkpoints (and stray temporary files)."""
     for _, path in list_checkpoints(directory)[:-keep_last]:
         path.unlink(missing_ok=True)
-    for tmp in directory.glob(".tmp-*.pt"):
+    for tmp in directory.glob(".step_*.tmp"):
         tmp.unlink(missing_ok=True)

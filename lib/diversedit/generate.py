@@ -19,8 +19,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 import zipfile
@@ -34,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import list_checkpoints, load_latest
+from .files import atomic_write
 from .models.sit import SiT, SiTConfig, config_from_state_dict
 from .sampling import SAMPLERS, sample
 
@@ -231,24 +230,9 @@ def load_for_sampling(
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """``write(binary file)`` into a temporary sibling, fsync, then rename onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, default=str).encode()
-    _atomic_write(path, lambda f: f.write(text))
+    atomic_write(path, lambda f: f.write(text))
 
 
 def _chunk_path(out_dir: Path, c: int) -> Path:
@@ -292,7 +276,7 @@ def _write_npz_stream(path: Path, n: int, chunks: Iterator[np.ndarray]) -> str:
                     digest.update(data)
                     out.write(data)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return digest.hexdigest()
 
 
@@ -493,7 +477,7 @@ def _run_chunks(
     with tqdm(total=total, desc="sample", unit="img", disable=not progress) as bar:
         for c in pending:
             images, labels = _make_chunk(model, cfg, c, num_classes, shape, decode, device)
-            _atomic_write(
+            atomic_write(
                 _chunk_path(out_dir, c),
                 lambda f, i=images, y=labels: np.savez(f, images=i, labels=y),
             )
@@ -535,9 +519,9 @@ def _merge(
     samples = out_dir / "samples.npz"
     sha = _write_npz_stream(samples, cfg.num_samples, blocks())
     all_labels = np.concatenate(labels).astype(np.int64)
-    _atomic_write(out_dir / "labels.npy", lambda f: np.save(f, all_labels))
+    atomic_write(out_dir / "labels.npy", lambda f: np.save(f, all_labels))
     grid = PIL.Image.fromarray(_grid(np.concatenate(first)))
-    _atomic_write(out_dir / "grid.png", lambda f: grid.save(f, format="PNG"))
+    atomic_write(out_dir / "grid.png", lambda f: grid.save(f, format="PNG"))
     for stray in (out_dir / "chunks").glob(".*.tmp"):  # left by interrupted writes
         stray.unlink(missing_ok=True)
     record = {

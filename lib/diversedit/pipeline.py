@@ -307,10 +307,9 @@ def run_cka(params: CkaParams) -> dict[str, Any]:
 
 def cka_figure(run_dirs: Mapping[str, str | Path], max_steps: int = 12) -> go.Figure:
     """Block × block CKA heatmaps, one panel per run, with a slider over the training steps."""
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from .report import load_cka
+    from .report import cka_heatmap, load_cka
 
     snaps = {name: load_cka(d) for name, d in run_dirs.items()}
     empty = [name for name, s in snaps.items() if not s]
@@ -327,19 +326,9 @@ def cka_figure(run_dirs: Mapping[str, str | Path], max_steps: int = 12) -> go.Fi
             at, mat = max(
                 (s for s in series if s[0] <= step), default=series[0], key=lambda s: s[0]
             )
-            blocks = list(range(1, mat.shape[0] + 1))
             fig.add_trace(
-                go.Heatmap(
-                    z=mat.tolist(),
-                    x=blocks,
-                    y=blocks,
-                    zmin=0.0,
-                    zmax=1.0,
-                    colorscale="Viridis",
-                    showscale=col == 1,
-                    visible=k == len(steps) - 1,
-                    name=f"step {at}",
-                    hovertemplate="block %{y} vs %{x}: %{z:.3f}<extra></extra>",
+                cka_heatmap(
+                    mat, showscale=col == 1, visible=k == len(steps) - 1, name=f"step {at}"
                 ),
                 row=1,
                 col=col,

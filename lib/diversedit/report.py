@@ -15,7 +15,6 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,11 @@ from IPython.display import HTML
 from plotly.io.base_renderers import NotebookRenderer
 from plotly.subplots import make_subplots
 
+from .files import atomic_write_bytes, environ
 from .results import (
     TIERS,
     RowResult,
     aggregate,
-    atomic_write_bytes,
     default_published_dir,
     load_all_published,
     metric_order,
@@ -377,6 +376,16 @@ def load_cka(run_dir: str | Path) -> list[tuple[int, np.ndarray]]:
     return sorted(out, key=lambda t: t[0])
 
 
+def cka_heatmap(mat: np.ndarray, **trace: Any) -> go.Heatmap:
+    """One (L, L) block × block CKA matrix as a heatmap on [0, 1], blocks numbered from 1."""
+    blocks = list(range(1, mat.shape[0] + 1))
+    hover = "block %{y} vs %{x}: %{z:.3f}<extra></extra>"
+    return go.Heatmap(
+        z=mat.tolist(), x=blocks, y=blocks, zmin=0.0, zmax=1.0, colorscale="Viridis",
+        hovertemplate=hover, **trace,
+    )  # fmt: skip
+
+
 def cka_figure(
     snapshots: Sequence[tuple[int, np.ndarray]], title: str, max_steps: int = 20
 ) -> go.Figure | None:
@@ -387,19 +396,9 @@ def cka_figure(
     chosen = [snapshots[int(i)] for i in idx]
     fig = go.Figure()
     for k, (step, mat) in enumerate(chosen):
-        blocks = list(range(1, mat.shape[0] + 1))
         fig.add_trace(
-            go.Heatmap(
-                z=mat.tolist(),
-                x=blocks,
-                y=blocks,
-                zmin=0.0,
-                zmax=1.0,
-                colorscale="Viridis",
-                visible=k == len(chosen) - 1,
-                name=f"step {step}",
-                colorbar={"title": "CKA"},
-                hovertemplate="block %{y} vs %{x}: %{z:.3f}<extra></extra>",
+            cka_heatmap(
+                mat, visible=k == len(chosen) - 1, name=f"step {step}", colorbar={"title": "CKA"}
             )
         )
     steps = [
@@ -638,20 +637,6 @@ def report_kernel() -> str:
     return KERNEL_NAME if KERNEL_NAME in KernelSpecManager().find_kernel_specs() else "python3"
 
 
-@contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def export_html(executed: str | Path, title: str = "DiverseDiT reproduction report") -> str:
     """An executed notebook as one offline HTML page (lab template, code cells hidden, no CDN
     scripts: require.js, MathJax and mermaid are dropped)."""
@@ -720,7 +705,7 @@ def build_report(
     with tempfile.TemporaryDirectory(prefix="diversedit-report-") as tmp:
         src = Path(tmp) / "report.ipynb"
         jupytext.write(jupytext.read(nb_path), src, fmt="ipynb")
-        with _environ(PLOTLY_RENDERER=REPORT_RENDERER_ENV, DIVERSEDIT_ROOT=str(root)):
+        with environ({"PLOTLY_RENDERER": REPORT_RENDERER_ENV, "DIVERSEDIT_ROOT": str(root)}):
             pm.execute_notebook(
                 str(src),
                 str(executed),

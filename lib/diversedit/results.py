@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .files import atomic_write_bytes
 
 TIERS = ("paper", "mini", "smoke")
 PAPER_METRICS = ("FID", "sFID", "IS", "Precision", "Recall")
@@ -336,20 +337,6 @@ class RowResult:
 
 def result_path(result: RowResult, results_dir: str | Path) -> Path:
     return Path(results_dir) / result.table / result.tier / result.row / "metrics.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_result(result: RowResult, results_dir: str | Path) -> Path:

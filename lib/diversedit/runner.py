@@ -21,15 +21,15 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .results import TIERS, atomic_write_bytes, table_id
+from .files import atomic_write_bytes, environ
+from .results import TIERS, table_id
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KERNEL_NAME = "diversedit"
@@ -171,20 +171,6 @@ def default_kernel() -> str:
 # --------------------------------------------------------------------------- running
 
 
-@contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _run_env(tier: str) -> dict[str, str]:
     """Environment of a row's kernel: RUN_ENV, plus SMOKE_ENV for the smoke tier unless the
     caller set those variables."""
@@ -235,7 +221,7 @@ def run_one(
         (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         source = to_ipynb(row.notebook, out / "notebook.input.ipynb")
         with (
-            _environ(_run_env(row.tier)),
+            environ(_run_env(row.tier)),
             open(out / "stdout.log", "w") as stdout,
             open(out / "stderr.log", "w") as stderr,
         ):

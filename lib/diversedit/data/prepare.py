@@ -18,9 +18,7 @@ name and renamed, so an interrupted run resumes by skipping every ``.npy`` that 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ import PIL.Image
 import torch
 from torch import Tensor
 
+from ..files import atomic_write, atomic_write_bytes
 from .digits import decode_pixels
 from .latents import LABELS_FILE, SD_VAE_SCALE
 
@@ -77,21 +76,8 @@ def _balanced_subset(items: list[tuple[str, int]], limit: int) -> list[tuple[str
     return sorted((path, label) for _, label, path in chosen)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    with path.open("wb") as f:
-        np.save(f, array.astype(np.float32))
+    atomic_write(path, lambda f: np.save(f, array.astype(np.float32)))
 
 
 def _check_settings(dest: Path, resolution: int, vae: str) -> None:
@@ -104,14 +90,14 @@ def _check_settings(dest: Path, resolution: int, vae: str) -> None:
             raise ValueError(f"{dest} was prepared with {old}, not {settings}; use a new dest")
     else:
         text = json.dumps(settings)
-        _atomic_write(path, lambda p: p.write_text(text))
+        atomic_write_bytes(path, text.encode())
 
 
 def _write_labels(dest: Path, classes: list[str], items: list[tuple[str, int]]) -> None:
     for folder, suffix in (("images", ".png"), ("vae-sd", ".npy")):
         labels = [[path.rsplit(".", 1)[0] + suffix, label] for path, label in items]
         text = json.dumps({"labels": labels, "classes": classes})
-        _atomic_write(dest / folder / LABELS_FILE, lambda p, t=text: p.write_text(t))
+        atomic_write_bytes(dest / folder / LABELS_FILE, text.encode())
 
 
 def _missing_vae_message(name: str) -> str:
@@ -202,11 +188,11 @@ def prepare_imagenet(
                     crop = center_crop_arr(img.convert("RGB"), resolution)
                 crops.append(crop)
                 png = PIL.Image.fromarray(crop)
-                _atomic_write(dest / "images" / f"{stem}.png", lambda p, im=png: im.save(p, "PNG"))
+                atomic_write(dest / "images" / f"{stem}.png", lambda f, im=png: im.save(f, "PNG"))
             pixels = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
             moments = encode_moments(model, pixels).cpu().numpy()
             for (stem, _), m in zip(batch, moments, strict=True):
-                _atomic_write(dest / "vae-sd" / f"{stem}.npy", lambda p, a=m: _save_npy(p, a))
+                _save_npy(dest / "vae-sd" / f"{stem}.npy", m)
             bar.update(len(batch))
         bar.close()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
