@@ -10,3 +10,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory):
+    """A tiny random SD-VAE-shaped AutoencoderKL (downsampling 8, 4 latent channels) saved with
+    ``save_pretrained``: the offline stand-in for ``stabilityai/sd-vae-ft-mse``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamples: /8 like the SD VAE
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    path = tmp_path_factory.mktemp("vae") / "sd-vae-tiny"
+    vae.save_pretrained(path)
+    return path

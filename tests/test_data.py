@@ -145,27 +145,6 @@ FILES = {"n001/a": (300, 200), "n001/b": (600, 700), "n002/c": (40, 50), "n002/d
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamples: /8 like the SD VAE
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    path = tmp_path_factory.mktemp("vae") / "sd-vae-tiny"
-    vae.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagenet")
     for i, (name, (w, h)) in enumerate(FILES.items()):

@@ -4,7 +4,6 @@ on latents → sample with VAE decoding. A tiny random VAE stands in for sd-vae-
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from accelerate.state import AcceleratorState
 
 from diversedit.config import load_config
@@ -16,31 +15,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,  # /8 like the SD VAE
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+def prepared(tmp_path_factory, vae_dir):
     root = tmp_path_factory.mktemp("pipeline")
-    vae.save_pretrained(root / "vae")
     rng = np.random.default_rng(0)
     for i in range(8):
         path = root / "imagenet" / f"n{i % 2:03d}" / f"img{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         PIL.Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(path)
-    prepare_imagenet(root / "imagenet", root / "latents", vae=str(root / "vae"), resolution=32)
+    prepare_imagenet(root / "imagenet", root / "latents", vae=str(vae_dir), resolution=32)
     return root
 
 
-def test_latent_run_trains_and_samples_through_the_vae(prepared, tmp_path):
+def test_latent_run_trains_and_samples_through_the_vae(prepared, vae_dir, tmp_path):
     overrides = {
         "results_dir": str(tmp_path),
         "model.name": "custom",
@@ -62,9 +48,9 @@ def test_latent_run_trains_and_samples_through_the_vae(prepared, tmp_path):
     AcceleratorState._reset_state(True)
     run = Trainer(cfg).fit()
     assert (run / "log.jsonl").read_text().count('"div"') == 1
-    sampling = SamplingConfig(num_samples=3, batch_size=2, num_steps=4, vae=str(prepared / "vae"))
+    sampling = SamplingConfig(num_samples=3, batch_size=2, num_steps=4, vae=str(vae_dir))
     path = sample_run(run, sampling, progress=False)
     images = np.load(path)["arr_0"]
     assert images.dtype == np.uint8 and images.shape == (3, 32, 32, 3)  # decoded to pixels
     record = (path.parent / "sampling.json").read_text()
-    assert '"decoder": "sd-vae"' in record and str(prepared / "vae") in record
+    assert '"decoder": "sd-vae"' in record and str(vae_dir) in record
