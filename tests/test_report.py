@@ -329,10 +329,11 @@ def test_aggregate_smoke_tier(tmp_path):
     results = _write_smoke(tmp_path)
     df = aggregate(results, PUBLISHED)
     t01 = df[df["table"] == "t01"].set_index(["tier", "row", "metric"])
-    # done rows: reproduced, published FID next to FD_digits, delta and in-pipeline gain
+    # done rows: reproduced, published FID next to FD_digits, no delta across different metrics,
+    # and the in-pipeline gain
     ours = t01.loc[("smoke", "sit-b-ours", "FD_digits")]
     assert ours["reproduced"] == 30.0 and ours["published"] == 28.05
-    assert ours["delta"] == pytest.approx(30.0 - 28.05)
+    assert math.isnan(ours["delta"])
     assert ours["gain_vs_baseline"] == pytest.approx(30.0 - 40.0)
     assert ours["published_gain"] == pytest.approx(28.05 - 36.80)
     assert ours["baseline_row"] == "sit-b" and ours["label"] == "SiT-B + Ours"
@@ -399,7 +400,7 @@ def test_table_frame_and_figures(tmp_path):
     col = "FD_digits (paper: FID)"
     assert frame.loc["REPA-B + Ours", (col, "reproduced")] == "pending"
     assert frame.loc["SiT-B + Ours", (col, "reproduced")] == "30.00"
-    assert frame.loc["SiT-B + Ours", (col, "Δ")] == "+1.95"
+    assert frame.loc["SiT-B + Ours", (col, "Δ")] == "—"  # FD_digits vs FID: no difference shown
     assert frame.loc["SiT-B + Ours", ("gain vs baseline", "FD_digits")] == "-10.00"
     assert "0.00" not in set(frame[(col, "reproduced")])
     t05 = report.table_frame(agg, "t05", "paper")

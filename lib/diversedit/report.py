@@ -264,7 +264,7 @@ def styled_table(agg: pd.DataFrame, table_id: str, tier: str) -> pd.io.formats.s
 
     caption = f"{table_id} · {tier} tier"
     if tier != "paper":
-        caption += " · Δ = reproduced − published, shown for orientation only (different metric)"
+        caption += " · no Δ: a different metric from the paper's, not comparable"
     return (
         frame.style.apply(row_css, axis=1)
         .set_table_styles(_TABLE_CSS)

@@ -450,7 +450,8 @@ def _records(
                 "paper_metric": fam,
                 "reproduced": math.nan if rep is None else rep,
                 "published": math.nan if pub is None else pub,
-                "delta": math.nan if rep is None or pub is None else rep - pub,
+                # a difference only between the same metric: FD_digits − FID means nothing
+                "delta": math.nan if rep is None or pub is None or m != fam else rep - pub,
                 "comparable": bool(
                     res is not None
                     and res.status == "done"
