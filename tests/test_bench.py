@@ -8,9 +8,16 @@ from diversedit.__main__ import main
 def test_bench_cli_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     main(["bench", "--sizes", "tiny", "--variants", "sit,diversedit", "--batch", "2",
-          "--steps", "1", "--dtype", "fp32", "--no-samplers", "--out", str(out)])  # fmt: skip
+          "--steps", "1", "--dtype", "fp32", "--parts", "train,loss,inception",
+          "--out", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     rows = report["train_step"]
     assert [r["variant"] for r in rows] == ["sit", "diversedit"]
     assert all(r["images_per_s"] > 0 and r["batch"] == 2 for r in rows)
     assert rows[0]["overhead_vs_sit"] == 0 and "torch" in report["machine"]
+    loss = report["diversity_loss"]
+    assert [r["impl"] for r in loss] == ["fused", "autograd", "compiled"]
+    assert all(r["fwd_bwd_ms"] > 0 and r["blocks"] == 12 for r in loss)
+    (inception,) = report["inception"]
+    assert inception["images_per_s"] > 0 and inception["weights"].startswith("random init")
+    assert report["sampler"] == []

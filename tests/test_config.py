@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from diversedit.config import (
@@ -154,7 +155,8 @@ def test_defaults_are_the_paper_values():
     assert (o.grad_clip, o.ema_decay, o.global_batch) == (1.0, 0.9999, 256)
     assert (o.grad_accum, o.max_steps) == (1, 400_000)
     p = cfg.precision
-    assert (p.mixed_precision, p.allow_tf32, p.compile) == ("fp16", True, False)
+    assert (p.mixed_precision, p.allow_tf32, p.compile) == ("fp16", True, None)
+    assert p.compile_on(torch.device("cuda")) and not p.compile_on(torch.device("cpu"))
     log = cfg.logging
     assert (log.log_every, log.cka_every, log.cka_probe_size) == (100, 0, 16)
     assert log.tensorboard and log.progress

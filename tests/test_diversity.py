@@ -9,6 +9,11 @@ import torch
 
 from diversedit.losses.diversity import (
     DiversityConfig,
+    _autograd_stats,
+    _fused_stats,
+    _Need,
+    _plan,
+    _terms,
     adaptive_weight,
     candidate_pairs,
     diversity_loss,
@@ -171,14 +176,21 @@ CONFIGS = [
 BAD = [(), (3,), (1,), (2, 7), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10), tuple(range(12))]
 
 
+def _loss(feats: list[torch.Tensor], cfg: DiversityConfig, path: str) -> dict:
+    if path == "fused":
+        return diversity_loss(feats, cfg)
+    return _terms(tuple(feats), _plan(len(feats), cfg, feats[0].device), cfg, _autograd_stats)
+
+
+@pytest.mark.parametrize("path", ["fused", "autograd"])
 @pytest.mark.parametrize("cfg", CONFIGS)
 @pytest.mark.parametrize("bad", BAD)
-def test_matches_loop_reference(cfg: DiversityConfig, bad: tuple[int, ...]) -> None:
+def test_matches_loop_reference(cfg: DiversityConfig, bad: tuple[int, ...], path: str) -> None:
     feats = _feats(12, seed=len(bad))
     for i, k in enumerate(bad):
         feats[k][0, 1, i % 8] = (math.nan, math.inf, -math.inf)[i % 3]
     leaves = [f.clone().requires_grad_(True) for f in feats]
-    out = diversity_loss(leaves, cfg)
+    out = _loss(leaves, cfg, path)
     ref_leaves = [f.double().requires_grad_(True) for f in feats]
     ref = ref_loss(ref_leaves, cfg)
     for key in ("orth", "mi", "disp", "div", "pairs_used"):
@@ -531,52 +543,67 @@ def test_config_lists_become_tuples() -> None:
     hash(cfg)
 
 
-def _stats_reference(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The autograd chain that _BlockStats fuses."""
-    fh = torch.nn.functional.normalize(x, dim=-1, eps=EPS)
-    flat = fh.flatten(1)
-    return (
-        x.mean(1),
-        flat @ flat.T,
-        fh.mean(1),
-        torch.linalg.vector_norm(x, ord=1, dim=1),
-        torch.linalg.vector_norm(x, ord=2, dim=1),
-    )
+NEED = _Need(mu=True, cos=True, fmean=True, cols=True)
 
 
-def test_block_stats_values_and_gradients() -> None:
-    from diversedit.losses.diversity import _BlockStats
-
+def test_fused_stats_equal_autograd_stats() -> None:
+    """The hand-written backward equals plain autograd, incl. zero, clamped and bad rows."""
     g = torch.Generator().manual_seed(0)
-    need = (True, True, True, True)
-    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    stats = lambda t: _BlockStats.apply(t, EPS, torch.float64, need)  # noqa: E731
-    assert torch.autograd.gradcheck(stats, (x,))
+
+    def blocks(x: torch.Tensor) -> list[torch.Tensor]:
+        return list(x.unbind(0))
+
+    x = torch.randn(3, 2, 2, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    fused = lambda t: _fused_stats(blocks(t), EPS, torch.float64, NEED, "abs_of_mean")[1:]  # noqa: E731
+    assert torch.autograd.gradcheck(fused, (x,))
     x = x.detach().clone()
-    x[1, 2], x[2, 0] = 0.0, 1e-9  # a zero row and a row whose norm is clamped to eps
-    x[0, :, 3] = 0.0  # an all-zero channel
+    x[1, 1, 0], x[2, 0, 0] = 0.0, 1e-9  # a zero row and a row whose norm is clamped to eps
+    x[0, :, :, 3] = 0.0  # an all-zero channel
+    x[2, 1, 1, 2] = math.nan  # a non-finite block: zeroed, zero gradient
     x.requires_grad_(True)
-    weights = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in _stats_reference(x)]
-    for flags in [need, (True, False, False, False), (False, True, False, True)]:
-        got = _BlockStats.apply(x, EPS, torch.float64, flags)
-        want = _stats_reference(x)
-        used = [i for i, f in enumerate(flags) if f] + ([4] if flags[3] else [])
+    want_all = _autograd_stats(blocks(x), EPS, torch.float64, NEED, "abs_of_mean")
+    weights = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in want_all[1:]]
+    for flags in [NEED, _Need(True, False, False, False), _Need(False, True, False, True)]:
+        got = _fused_stats(blocks(x), EPS, torch.float64, flags, "abs_of_mean")
+        want = _autograd_stats(blocks(x), EPS, torch.float64, flags, "abs_of_mean")
+        assert got.valid.tolist() == want.valid.tolist() == [True, True, False]
+        used = [i for i, t in enumerate(want[1:]) if t.numel()]
         for i in used:
-            assert torch.allclose(got[i], want[i], rtol=1e-12, atol=1e-12), i
-        (g_got,) = torch.autograd.grad(sum((got[i] * weights[i]).sum() for i in used), x)
-        (g_want,) = torch.autograd.grad(sum((want[i] * weights[i]).sum() for i in used), x)
+            assert torch.allclose(got[i + 1], want[i + 1], rtol=1e-12, atol=1e-12), i
+        (g_got,) = torch.autograd.grad(sum((got[i + 1] * weights[i]).sum() for i in used), x)
+        (g_want,) = torch.autograd.grad(sum((want[i + 1] * weights[i]).sum() for i in used), x)
         assert torch.allclose(g_got, g_want, rtol=1e-10, atol=1e-5), flags
+        assert not g_got[2].any()
     # low-precision input: fp32 statistics of the exact upcast, gradient rounded once
-    xb = x.detach().bfloat16().requires_grad_(True)
-    got = _BlockStats.apply(xb, EPS, torch.float32, need)
-    want = _stats_reference(xb.detach().double().requires_grad_(True))
+    xb = x.detach()[:2].bfloat16().requires_grad_(True)
+    got = _fused_stats(blocks(xb), EPS, torch.float32, NEED, "abs_of_mean")[1:]
+    xd = xb.detach().double().requires_grad_(True)
+    want = _autograd_stats(blocks(xd), EPS, torch.float64, NEED, "abs_of_mean")[1:]
     assert all(t.dtype == torch.float32 for t in got)
     for a, b in zip(got, want, strict=True):
         assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6)
-    sum((t * w.float()).sum() for t, w in zip(got, weights, strict=True)).backward()
-    xd = xb.detach().double().requires_grad_(True)
-    (g_want,) = torch.autograd.grad(
-        sum((t * w).sum() for t, w in zip(_stats_reference(xd), weights, strict=True)), xd
-    )
+    w2 = [w[:2, :2] if w.shape[:2] == (3, 3) else w[:2] for w in weights]
+    sum((t * w.float()).sum() for t, w in zip(got, w2, strict=True)).backward()
+    (g_want,) = torch.autograd.grad(sum((t * w).sum() for t, w in zip(want, w2, strict=True)), xd)
     assert xb.grad.dtype == torch.bfloat16
     assert torch.allclose(xb.grad.double(), g_want, rtol=1e-2, atol=1e-2 * g_want.abs().max())
+
+
+def test_compiled_loss_equals_eager() -> None:
+    """``compiled=True`` (Inductor-fused plain statistics) gives the eager values and gradients."""
+    feats = _feats(12, seed=5, shape=(2, 4, 8))
+    feats[4][1, 2, 3] = math.nan  # a skipped block: the pair walk moves on
+    cfg = DiversityConfig(pair_encoder_depth=4)
+    runs = []
+    for compiled in (False, True):
+        leaves = [f.clone().requires_grad_(True) for f in feats]
+        out = diversity_loss(leaves, cfg, compiled=compiled)
+        out["loss"].backward()
+        runs.append((out, [leaf.grad for leaf in leaves]))
+    (eager, g_eager), (comp, g_comp) = runs
+    assert eager["pairs_used"] == 10 and eager["blocks_skipped"] == 1
+    for key in eager:
+        _close(comp[key], eager[key])
+    for a, b in zip(g_comp, g_eager, strict=True):
+        _close(a, b, tol=1e-4)
+    assert not g_comp[4].any() and g_comp[5].abs().sum() > 0

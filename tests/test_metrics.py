@@ -9,9 +9,6 @@ re-initialised (Kaiming-normal convs, centred random fc) so its features are not
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -35,7 +32,11 @@ from diversedit.metrics import (
 )
 from diversedit.metrics.adm import manifold_radii
 from diversedit.metrics.evaluate import iter_adm_batches, main
-from diversedit.metrics.extractors import INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL
+from diversedit.metrics.extractors import (
+    INCEPTION_WEIGHTS_FILE,
+    INCEPTION_WEIGHTS_URL,
+    build_random_inception_weights,
+)
 
 RANDOM_TAG = "random-inception(seed=0)"
 
@@ -219,29 +220,6 @@ def test_reference_stats_round_trip(tmp_path):
 
 
 # ----------------------------------------------------------------------------- random Inception
-
-
-def build_random_inception_weights(path: Path, seed: int = 0) -> Path:
-    """torch-fidelity's Inception with a scale-preserving random init, saved as a state dict."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
-    cls = tfi.FeatureExtractorInceptionV3
-    with (
-        mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}),
-        mock.patch.object(cls, "load_state_dict", lambda self, *a, **k: None),
-    ):
-        model = cls("inception-v3-compat", ["2048"])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Conv2d):  # Kaiming normal, ReLU gain, fan-out
-                fan_out = module.weight.shape[0] * module.weight[0, 0].numel()
-                module.weight.normal_(0, math.sqrt(2 / fan_out), generator=gen)
-        fc = torch.randn(model.fc.weight.shape, generator=gen)
-        model.fc.weight.copy_(0.03 * (fc - fc.mean(dim=1, keepdim=True)))
-        model.fc.bias.zero_()
-    torch.save(model.state_dict(), path)
-    return path
 
 
 class UInt8Images(torch.utils.data.Dataset):

@@ -27,7 +27,7 @@ def _bench(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         compile_model=args.compile,
         out=args.out,
-        samplers=not args.no_samplers,
+        parts=args.parts.split(","),
         steps=args.steps,
     )
 
@@ -147,15 +147,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     report.add_argument("--results", type=Path, default=Path("results"))
     report.add_argument("--published", type=Path, default=Path("params/published"))
     report.set_defaults(func=_report)
-    bench = sub.add_parser("bench", help="training-step and sampler throughput, JSON out")
+    bench = sub.add_parser(
+        "bench", help="training step, diversity loss, sampler, Inception throughput; JSON out"
+    )
     bench.add_argument("--sizes", default="tiny", help="comma list: tiny,S/2,B/2,L/2,XL/2")
     bench.add_argument("--variants", default="", help="comma list (default: all)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--batch", type=int, default=32, help="per-device batch (release: 32)")
     bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    bench.add_argument("--compile", action="store_true", help="torch.compile the model")
+    bench.add_argument(
+        "--compile", action="store_true", help="torch.compile the model and the diversity loss"
+    )
     bench.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    bench.add_argument("--no-samplers", action="store_true")
+    bench.add_argument(
+        "--parts", default="train,loss,sampler", help="comma list: train,loss,sampler,inception"
+    )
     bench.add_argument("--out", type=Path, default=None, help="JSON file to write")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)

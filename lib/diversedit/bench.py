@@ -1,7 +1,8 @@
-"""Throughput benchmarks: training steps per variant, samplers; JSON out, no assertions.
+"""Throughput benchmarks, JSON out, no assertions: training steps per variant, the diversity
+loss alone (per implementation), the SDE sampler and Inception feature extraction.
 
 Run ``diversedit bench --device cuda --sizes S/2,B/2,XL/2`` on a GPU node (or ``--sizes tiny``
-on a CPU). Each measurement is the median over timed steps after warm-up, with the machine's
+on a CPU). Each measurement is the median over timed repeats after warm-up, with the machine's
 description recorded beside it.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .losses.diversity import DiversityConfig
+from .losses.diversity import DiversityConfig, diversity_loss
 from .losses.objective import ObjectiveConfig, compute_loss
 from .losses.repa import RepaConfig
 from .models import create_model
@@ -41,6 +42,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 TINY = dict(depth=12, hidden_size=192, num_heads=3, input_size=16, patch_size=2, num_classes=10)
 # Dense bf16 tensor-core peak (FLOP/s) by device name fragment.
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+PARTS = ("train", "loss", "sampler", "inception")
 
 
 @dataclass
@@ -101,7 +103,10 @@ def bench_train_step(
     warmup: int = 3,
     steps: int = 10,
 ) -> StepResult:
-    """One optimiser step as the trainer runs it: loss, backward, clip 1.0, fused AdamW, EMA."""
+    """One optimiser step as the trainer runs it: loss, backward, clip 1.0, fused AdamW, EMA.
+
+    ``compile_model`` compiles the model and the diversity loss, as the trainer does on CUDA.
+    """
     torch.manual_seed(0)
     model, obj = build(size, variant, device)
     ema = [p.detach().clone() for p in model.parameters()]
@@ -118,7 +123,9 @@ def bench_train_step(
 
     def step(network: torch.nn.Module = net) -> None:
         with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = compute_loss(network, x0, y, obj, encoder_targets=targets)
+            loss, _ = compute_loss(
+                network, x0, y, obj, encoder_targets=targets, compiled=network is not model
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
@@ -142,6 +149,92 @@ def bench_train_step(
         size, variant, device, dtype, batch, compile_model, batch / median, 1e3 * median,
         peak, flops, mfu,
     )  # fmt: skip
+
+
+LOSS_IMPLS = ("fused", "autograd", "compiled")
+
+
+def bench_diversity_loss(
+    size: str, impl: str, *, device: str = "cpu", batch: int = 32, dtype: str = "bf16",
+    steps: int = 10,
+) -> dict[str, Any]:  # fmt: skip
+    """Forward + backward of the diversity loss alone on random block features of a model size.
+
+    ``fused``: the eager default (hand-written backward); ``autograd``: the same statistics in
+    plain ops (the compile input, run eagerly); ``compiled``: ``diversity_loss(compiled=True)``.
+    Features alternate the model's stream dtypes: float32 before the long-skip fusion, ``dtype``
+    after it, as under autocast.
+    """
+    from .losses import diversity as div
+
+    torch.manual_seed(0)
+    cfg = model_config_for(size)
+    n, d = cfg.depth, cfg.hidden_size
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    feats = [
+        torch.randn(batch, cfg.num_patches, d, device=device,
+                    dtype=torch.float32 if k < n // 2 else low, requires_grad=True)
+        for k in range(n)
+    ]  # fmt: skip
+    dcfg = DiversityConfig()
+    plan = div._plan(n, dcfg, torch.device(device))
+
+    def run() -> None:
+        if impl == "autograd":
+            out = div._terms(tuple(feats), plan, dcfg, div._autograd_stats)
+        else:
+            out = diversity_loss(feats, dcfg, compiled=impl == "compiled")
+        grads = torch.autograd.grad(out["loss"], feats)
+        del grads
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    median = statistics.median(_time(run, device, 3, steps))
+    return {
+        "size": size, "impl": impl, "device": device, "batch": batch, "blocks": n,
+        "tokens": cfg.num_patches, "hidden": d, "low_dtype": dtype, "fwd_bwd_ms": 1e3 * median,
+        "feature_mib": sum(f.numel() * f.element_size() for f in feats) / 2**20,
+    }  # fmt: skip
+
+
+def model_config_for(size: str):
+    """The SiTConfig a bench size stands for (``tiny`` = the CPU tier's scale)."""
+    from .models import model_config
+    from .models.sit import SiTConfig
+
+    return SiTConfig(**TINY) if size == "tiny" else model_config(f"SiT-{size}")
+
+
+def bench_inception(
+    *, device: str = "cpu", batch: int = 100, batches: int = 5, weights: str | None = None
+) -> dict[str, Any]:
+    """Inception feature extraction (pool, logits and ADM's spatial features) on 256² uint8
+    images, as the evaluator runs it. Throughput does not depend on the weights' values: without
+    real weights a random-initialised network is timed, and the record says so."""
+    import tempfile
+
+    from .metrics.extractors import InceptionExtractor, build_random_inception_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            ext = InceptionExtractor(weights, device)
+            used = str(ext.weights)
+        except FileNotFoundError:
+            path = build_random_inception_weights(Path(tmp) / "random-inception.pth")
+            ext = InceptionExtractor(path, device, tag="random-inception(seed=0)")
+            used = "random init (throughput only)"
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, generator=gen)
+
+    @torch.no_grad()
+    def run() -> None:
+        ext._forward(images.to(ext.device, non_blocking=True))
+
+    median = statistics.median(_time(run, device, 1, batches))
+    return {
+        "device": device, "batch": batch, "image_size": 256, "weights": used,
+        "ms_per_batch": 1e3 * median, "images_per_s": batch / median,
+    }  # fmt: skip
 
 
 def bench_sampler(
@@ -191,11 +284,18 @@ def run(
     dtype: str,
     compile_model: bool,
     out: Path | None,
-    samplers: bool = True,
+    parts: Sequence[str] = ("train", "loss", "sampler"),
     steps: int = 10,
 ) -> dict[str, Any]:
-    """Benchmark every (size, variant); writes the JSON after each measurement."""
-    report: dict[str, Any] = {"machine": machine(), "train_step": [], "sampler": []}
+    """Benchmark ``parts`` (train, loss, sampler, inception) for every size; writes the JSON
+    after each measurement."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown bench parts {unknown}; choose from {PARTS}")
+    report: dict[str, Any] = {
+        "machine": machine(), "train_step": [], "diversity_loss": [], "sampler": [],
+        "inception": [],
+    }  # fmt: skip
 
     def save() -> None:
         if out is not None:
@@ -204,7 +304,7 @@ def run(
 
     for size in sizes:
         base = None
-        for variant in variants:
+        for variant in variants if "train" in parts else ():
             r = asdict(
                 bench_train_step(
                     size, variant, device=device, batch=batch, dtype=dtype,
@@ -221,8 +321,21 @@ def run(
                 flush=True,
             )
             save()
-        if samplers:
-            for scale in (1.0, 1.8):
-                report["sampler"].append(bench_sampler(size, device=device, cfg_scale=scale))
-                save()
+        for impl in LOSS_IMPLS if "loss" in parts else ():
+            r = bench_diversity_loss(
+                size, impl, device=device, batch=batch, dtype=dtype, steps=steps
+            )
+            report["diversity_loss"].append(r)
+            print(f"{size:>5} diversity loss {impl:>9} {r['fwd_bwd_ms']:8.2f} ms", flush=True)
+            save()
+        for scale in (1.0, 1.8) if "sampler" in parts else ():
+            report["sampler"].append(bench_sampler(size, device=device, cfg_scale=scale))
+            save()
+    if "inception" in parts:
+        r = bench_inception(
+            device=device, batch=100 if device.startswith("cuda") else 8, batches=steps
+        )
+        report["inception"].append(r)
+        print(f"inception {r['images_per_s']:9.1f} img/s ({r['weights']})", flush=True)
+        save()
     return report

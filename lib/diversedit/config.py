@@ -32,6 +32,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
 from .losses.diversity import DiversityConfig, select_pairs
@@ -229,11 +230,19 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class PrecisionConfig:
-    """``precision:`` autocast dtype (release default fp16), TF32 and ``torch.compile``."""
+    """``precision:`` autocast dtype (release default fp16), TF32 and ``torch.compile``.
+
+    ``compile`` compiles the model and the diversity loss; ``null`` (default) = on for CUDA
+    devices, off on CPU (where compiling costs more than it saves for short runs).
+    """
 
     mixed_precision: str = field(default="fp16", metadata={"choices": MIXED_PRECISION})
     allow_tf32: bool = True
-    compile: bool = False
+    compile: bool | None = None
+
+    def compile_on(self, device: torch.device) -> bool:
+        """Whether to compile on ``device`` (resolves the ``null`` default)."""
+        return device.type == "cuda" if self.compile is None else self.compile
 
     def __post_init__(self) -> None:
         _check(

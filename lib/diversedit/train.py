@@ -196,7 +196,8 @@ class Trainer:
         self._scaler_state: dict[str, Any] | None = None
         self._resume()
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
-        self.net = torch.compile(self.model) if cfg.precision.compile else self.model
+        self.compiled = cfg.precision.compile_on(acc.device)
+        self.net = torch.compile(self.model) if self.compiled else self.model
 
     # --- state -----------------------------------------------------------------------------
 
@@ -351,7 +352,13 @@ class Trainer:
         with acc.accumulate(self.model):
             with acc.autocast():
                 loss, terms = compute_loss(
-                    self.net, x0, y, cfg.objective, encoder_targets=targets, teacher=self.ema
+                    self.net,
+                    x0,
+                    y,
+                    cfg.objective,
+                    encoder_targets=targets,
+                    teacher=self.ema,
+                    compiled=self.compiled,
                 )
             acc.backward(loss)
             if acc.sync_gradients and cfg.optim.grad_clip > 0:

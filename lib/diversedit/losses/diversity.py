@@ -10,10 +10,10 @@ list) and a non-finite L_div becomes 0 through ``torch.where``. No ``.item()`` o
 tensor values happens for the ``skip`` and ``zero_loss`` policies; index tensors are cached per
 (L, config, device), so only the first call on a device copies host data to it.
 
-The blocks are stacked once in their own dtype; one autograd Function reduces the stack to small
-per-block statistics in float32 (token means, the Gram matrix of row-normalised blocks, which
-gives L_MI of every pair in one matmul, and column norms) and builds the input gradient in one
-float32 buffer, so no float32 copy of the features is kept alive.
+All terms are read off small per-block statistics (token means, the block×block matrix of
+row-averaged token cosines, column norms), computed in one of two equivalent ways: eagerly by an
+autograd Function with a hand-written float32 backward that keeps no float32 copy of the
+features, or, with ``compiled=True``, as plain differentiable ops that ``torch.compile`` fuses.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import torch
@@ -219,55 +219,86 @@ def adaptive_weight(l_div: Tensor, cfg: DiversityConfig) -> Tensor:
     return torch.where(x > cfg.adaptive_high, 1.0, torch.where(x > cfg.adaptive_low, ramp, 0.0))
 
 
-class _BlockStats(torch.autograd.Function):
-    """Per-block reductions of a (B, M, D) stack, accumulated in ``dtype``.
+class _Stats(NamedTuple):
+    """Per-block statistics the terms are read from (B = stacked blocks, D = channels)."""
 
-    Returns μ (B, D) token means, G (B, B) = F̂F̂ᵀ over flattened row-normalised blocks
-    (F̂ = row / max(‖row‖, eps)), the row means of F̂ (B, D) and the column L1 and L2 norms
-    (B, D); ``need`` switches each off. Values and gradients equal the ``mean`` / ``F.normalize``
-    / matmul / ``vector_norm`` chain, but no ``dtype`` copy of the stack is kept: F̂ is recomputed
-    in the backward, which builds the input gradient in one ``dtype`` buffer and rounds it once.
+    valid: Tensor  # (B,) bool: every value of the block is finite (invalid blocks read as 0)
+    mu: Tensor  # (B, D) token means
+    cos: Tensor  # (B, B) row-averaged cosine of row-normalised blocks (|cos| for mean_of_abs)
+    fmean: Tensor  # (B, D) row means of the row-normalised blocks
+    l1: Tensor  # (B, D) column L1 norms
+    l2: Tensor  # (B, D) column L2 norms
+
+
+class _Need(NamedTuple):
+    mu: bool
+    cos: bool
+    fmean: bool
+    cols: bool
+
+
+def _finite_blocks(x: Tensor, dims: tuple[int, int]) -> Tensor:
+    """Per-block "all values finite": x·0 is 0, or NaN for ±inf/NaN, and a sum of zeros cannot
+    overflow; two passes where ``isfinite(x).all()`` takes four in eager mode."""
+    return (x * 0).sum(dim=dims, dtype=torch.float32) == 0
+
+
+class _FusedStats(torch.autograd.Function):
+    """Eager statistics of a (B, M, D) stack in ``dtype``, with a hand-written backward.
+
+    Values and gradients equal :func:`_autograd_stats` (abs_of_mean MI), but no ``dtype`` copy of
+    the stack is kept: the row-normalised blocks are recomputed in the backward, which builds the
+    input gradient in one ``dtype`` buffer and rounds it once. Non-finite blocks are zeroed inside,
+    so they get a zero gradient without an in-place write into the stack.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, eps: float, dtype: torch.dtype, need: tuple[bool, ...]):
-        want_mu, want_gram, want_fmean, want_cols = need
+    def forward(ctx, x: Tensor, eps: float, dtype: torch.dtype, need: _Need):
+        valid = _finite_blocks(x, dims=(1, 2))
+        x = torch.where(valid[:, None, None], x, 0)
+        rows = x.shape[1]
 
         def none() -> Tensor:  # placeholder output (distinct tensors for autograd)
             return x.new_zeros(0, dtype=dtype)
 
-        mu = x.mean(dim=1, dtype=dtype) if want_mu else none()
-        gram, fmean, inv = none(), none(), none()
-        if want_gram or want_fmean:
+        mu = x.mean(dim=1, dtype=dtype) if need.mu else none()
+        cos, fmean, inv = none(), none(), none()
+        if need.cos or need.fmean:
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype)
             inv = torch.where(norm >= eps, 1.0 / norm.clamp_min(eps), -1.0 / eps)  # sign = clamped
             fh = x * inv.abs()
-            if want_gram:
+            if need.cos:
                 flat = fh.flatten(1)
-                gram = flat @ flat.T
-            if want_fmean:
+                cos = (flat @ flat.T) / rows
+            if need.fmean:
                 fmean = fh.mean(dim=1)
             del fh
         l1, l2 = none(), none()
-        if want_cols:
+        if need.cols:
             l1 = torch.linalg.vector_norm(x, ord=1, dim=1, dtype=dtype)
             l2 = torch.linalg.vector_norm(x, ord=2, dim=1, dtype=dtype)
-        ctx.save_for_backward(x, inv, l2)
+        ctx.save_for_backward(x, inv, l2, valid)
         ctx.need, ctx.dtype = need, dtype
-        return mu, gram, fmean, l1, l2
+        ctx.mark_non_differentiable(valid)
+        return valid, mu, cos, fmean, l1, l2
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_mu, g_gram, g_fmean, g_l1, g_l2):
-        x, inv, l2 = ctx.saved_tensors
-        want_mu, want_gram, want_fmean, want_cols = ctx.need
-        rows = x.shape[1]
-        if want_gram or want_fmean:
+    def backward(ctx, _, g_mu, g_cos, g_fmean, g_l1, g_l2):
+        x, inv, l2, valid = ctx.saved_tensors
+        need, rows = ctx.need, x.shape[1]
+        # the masking in the forward: no gradient reaches a non-finite block (small tensors only)
+        keep = valid[:, None].to(ctx.dtype)
+        g_mu, g_fmean, g_l1, g_l2 = (
+            g * keep if g.numel() else g for g in (g_mu, g_fmean, g_l1, g_l2)
+        )
+        g_cos = g_cos * keep * keep.T if g_cos.numel() else g_cos
+        if need.cos or need.fmean:
             scale = inv.abs()
             fh = x * scale
-            if want_gram:
-                grad = ((g_gram + g_gram.T) @ fh.flatten(1)).view_as(fh)
-                if want_fmean:
+            if need.cos:
+                grad = (((g_cos + g_cos.T) / rows) @ fh.flatten(1)).view_as(fh)
+                if need.fmean:
                     grad.add_(g_fmean[:, None] / rows)
             else:
                 grad = (g_fmean[:, None] / rows).expand_as(fh).clone()
@@ -277,50 +308,81 @@ class _BlockStats(torch.autograd.Function):
             del fh
         else:
             grad = torch.zeros(x.shape, dtype=ctx.dtype, device=x.device)
-        if want_mu:
+        if need.mu:
             grad.add_(g_mu[:, None] / rows)
-        if want_cols:
+        if need.cols:
             grad.addcmul_(x.sign(), g_l1[:, None])
             grad.addcmul_(x, torch.where(l2 > 0, g_l2 / l2, 0.0)[:, None])
         return grad.to(x.dtype), None, None, None
 
 
-def _pair_terms(
-    x: Tensor, stats: tuple[Tensor, ...], plan: _Plan, cfg: DiversityConfig, valid: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """L_orth, L_MI and the number of pairs used, read off block Gram matrices."""
-    mu, gram = stats[0], stats[1]
-    ca, cb = plan.cand_a, plan.cand_b
+def _fused_stats(
+    blocks: list[Tensor], eps: float, dtype: torch.dtype, need: _Need, mi_form: str
+) -> _Stats:
+    if mi_form != "abs_of_mean" and need.cos:  # the hand-written backward covers abs_of_mean
+        return _autograd_stats(blocks, eps, dtype, need, mi_form)
+    x = torch.stack(blocks).flatten(1, -2)
+    return _Stats(*_FusedStats.apply(x, eps, dtype, need))
+
+
+def _autograd_stats(
+    blocks: list[Tensor], eps: float, dtype: torch.dtype, need: _Need, mi_form: str
+) -> _Stats:
+    """The statistics in plain differentiable ops, on an (M, B, D) stack (rows = sample×token).
+
+    The form ``torch.compile`` fuses (it derives the backward), and the reference the fused eager
+    Function is tested against. The per-row B×B Gram matrices give every pair's token-aligned
+    cosine at once without a row-normalised copy of the features.
+    """
+    x = torch.stack(blocks, dim=-2).flatten(0, -3)
+    valid = _finite_blocks(x, dims=(0, 2))
+    x = torch.where(valid[:, None], x, 0).to(dtype)
+    empty = x.new_zeros(0)
+    mu = x.mean(dim=0) if need.mu else empty
+    cos = fmean = empty
+    if need.cos or need.fmean:
+        inv = 1.0 / torch.linalg.vector_norm(x, dim=-1).clamp_min(eps)  # (M, B)
+        if need.cos:
+            row_cos = (x @ x.transpose(1, 2)) * inv[:, :, None] * inv[:, None, :]
+            cos = (row_cos.abs() if mi_form == "mean_of_abs" else row_cos).mean(dim=0)
+        if need.fmean:
+            fmean = (x * inv[..., None]).mean(dim=0)
+    l1 = l2 = empty
+    if need.cols:
+        l1 = torch.linalg.vector_norm(x, ord=1, dim=0)
+        l2 = torch.linalg.vector_norm(x, ord=2, dim=0)
+    return _Stats(valid, mu, cos, fmean, l1, l2)
+
+
+def _pair_terms(stats: _Stats, plan: _Plan, cfg: DiversityConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """L_orth, L_MI and the number of pairs used, read off the block statistics."""
+    ca, cb, valid = plan.cand_a, plan.cand_b, stats.valid
     pair_ok = valid[ca] & valid[cb]
     if cfg.nonfinite_policy == "skip":  # the release takes the first ``cap`` valid candidates
         chosen = pair_ok & (torch.cumsum(pair_ok, 0) <= plan.cap)
     else:  # fixed P; invalid blocks are zeroed, so their terms are finite
         chosen = torch.ones_like(pair_ok)
-    weight = chosen.to(mu.dtype)  # every statistic has the statistics dtype
+    weight = chosen.to(stats.mu.dtype)  # every statistic has the statistics dtype
     used = weight.sum()
     denom = used.clamp_min(1.0)
     orth = mi = used.new_zeros(())
     if "orth" in cfg.terms:
-        unit = F.normalize(mu, dim=-1, eps=cfg.eps)
+        unit = F.normalize(stats.mu, dim=-1, eps=cfg.eps)
         cos = (unit @ unit.T)[ca, cb]
         cos = {"signed": cos, "abs": cos.abs(), "squared": cos.square()}[cfg.orth_form]
         orth = (cos * weight).sum() / denom
     if "mi" in cfg.terms:
-        rows = x.shape[1]
-        if cfg.mi_form == "abs_of_mean":  # c(a,b) = <vec f̂_a, vec f̂_b> / M
-            c = (gram / rows)[ca, cb].abs()
-        else:  # mean over rows of |row cosine| (generic autograd path)
-            fh = F.normalize(x.to(weight.dtype), dim=-1, eps=cfg.eps)
-            c = torch.einsum("amd,bmd->abm", fh, fh).abs().mean(dim=-1)[ca, cb]
-        mi = (c * weight).sum() / denom
+        c = stats.cos[ca, cb]  # mean_of_abs: already a mean of |cos|
+        mi = ((c.abs() if cfg.mi_form == "abs_of_mean" else c) * weight).sum() / denom
     return orth, mi, used
 
 
-def _disp_term(stats: tuple[Tensor, ...], cfg: DiversityConfig, valid: Tensor, rows: int) -> Tensor:
+def _disp_term(stats: _Stats, cfg: DiversityConfig, rows: int) -> Tensor:
     """L_disp over all valid blocks (invalid blocks are already zero); 0 if < 2 are valid."""
-    fmean, l1, l2 = stats[2], stats[3], stats[4]
+    valid = stats.valid
     if cfg.disp_form == "release_l1l2_usage":
         # a_k[c] = mean_r |X[r,c]| / max(||X[:,c]||, eps): column-normalised mean |activation|
+        l1, l2 = stats.l1, stats.l2
         count = valid.sum().to(l1.dtype)
         usage = (l1 / l2.clamp_min(cfg.eps) / rows).sum(dim=0) / (count + cfg.eps)
         usage = usage / (usage.max() + cfg.eps)
@@ -328,13 +390,16 @@ def _disp_term(stats: tuple[Tensor, ...], cfg: DiversityConfig, valid: Tensor, r
         loss = -torch.clamp(var / 0.25, 0.0, 1.0)
     else:
         # paper reading: per-block channel means of row-normalised tokens, −D·Var over channels
+        fmean = stats.fmean
         count = valid.sum().to(fmean.dtype)
         var = (fmean - fmean.mean(dim=1, keepdim=True)).square().mean(dim=1)
         loss = -fmean.shape[1] * (var * valid.to(var.dtype)).sum() / count.clamp_min(1.0)
     return torch.where(count >= 2, loss, 0.0)
 
 
-def diversity_loss(features: Sequence[Tensor], cfg: DiversityConfig) -> dict[str, Tensor]:
+def diversity_loss(
+    features: Sequence[Tensor], cfg: DiversityConfig, *, compiled: bool = False
+) -> dict[str, Tensor]:
     """Diversity loss of block features ``features[k]`` (each (N, T, D) or any (..., D) shape).
 
     Returns 0-dim float32 tensors: ``orth``, ``mi``, ``disp``, ``div`` (weighted sum of the
@@ -342,14 +407,28 @@ def diversity_loss(features: Sequence[Tensor], cfg: DiversityConfig) -> dict[str
     ``pairs_used``, ``blocks_skipped`` (non-finite blocks among those the loss reads) and
     ``div_nonfinite`` (1 when ``div`` was replaced by 0). ``nonfinite_policy='raise'`` synchronises
     with the device to raise ``FloatingPointError`` naming the bad blocks.
+
+    ``compiled=True`` runs the same mathematics through ``torch.compile`` (plain differentiable
+    statistics that Inductor fuses; the ``raise`` policy stays eager). Compiled once per shape.
     """
     if not features:
         raise ValueError("diversity_loss needs at least one block feature")
-    shape, device = features[0].shape, features[0].device
+    shape = features[0].shape
     if len(shape) < 2 or any(f.shape != shape for f in features):
         raise ValueError(f"block features must share one (..., D) shape, got {shape} and others")
-    num_blocks = len(features)
-    plan = _plan(num_blocks, cfg, device)
+    plan = _plan(len(features), cfg, features[0].device)
+    if compiled and cfg.nonfinite_policy != "raise":
+        return _compiled_terms()(tuple(features), plan, cfg)
+    return _terms(tuple(features), plan, cfg, _fused_stats)
+
+
+@lru_cache(maxsize=1)
+def _compiled_terms():
+    return torch.compile(partial(_terms, stats_fn=_autograd_stats), dynamic=False)
+
+
+def _terms(features: tuple[Tensor, ...], plan: _Plan, cfg: DiversityConfig, stats_fn) -> dict:
+    device = features[0].device
     zero = torch.zeros((), device=device)
     orth = mi = disp = zero
     used = skipped = zero
@@ -359,26 +438,24 @@ def diversity_loss(features: Sequence[Tensor], cfg: DiversityConfig) -> dict[str
     region = torch.autocast(device_type=device.type, enabled=False) if fp32 else nullcontext()
     with region:
         if plan.blocks:
-            x = torch.stack([features[k] for k in plan.blocks]).flatten(1, -2)
-            valid = torch.isfinite(x).flatten(1).all(dim=1)
-            if cfg.nonfinite_policy == "raise":
-                _raise_if_bad(valid, plan.blocks)  # host sync, documented
-            x = x.masked_fill_(~valid[:, None, None], 0)  # no 0·NaN downstream
-            skipped = (~valid).sum().float()
-            all_ok = valid.all()
+            blocks = [features[k] for k in plan.blocks]
             pairs = len(plan.cand_a) > 0
-            need = (
-                pairs and "orth" in cfg.terms,
-                pairs and "mi" in cfg.terms and cfg.mi_form == "abs_of_mean",
-                "disp" in cfg.terms and cfg.disp_form == "mean_activation_variance",
-                "disp" in cfg.terms and cfg.disp_form == "release_l1l2_usage",
+            need = _Need(
+                mu=pairs and "orth" in cfg.terms,
+                cos=pairs and "mi" in cfg.terms,
+                fmean="disp" in cfg.terms and cfg.disp_form == "mean_activation_variance",
+                cols="disp" in cfg.terms and cfg.disp_form == "release_l1l2_usage",
             )
-            dtype = torch.float32 if fp32 else x.dtype
-            stats = _BlockStats.apply(x, cfg.eps, dtype, need)
+            dtype = torch.float32 if fp32 else _common_dtype(blocks)
+            stats = stats_fn(blocks, cfg.eps, dtype, need, cfg.mi_form)
+            if cfg.nonfinite_policy == "raise":
+                _raise_if_bad(stats.valid, plan.blocks)  # host sync, documented
+            skipped = (~stats.valid).sum().float()
+            all_ok = stats.valid.all()
             if pairs:
-                orth, mi, used = _pair_terms(x, stats, plan, cfg, valid)
+                orth, mi, used = _pair_terms(stats, plan, cfg)
             if "disp" in cfg.terms:
-                disp = _disp_term(stats, cfg, valid, x.shape[1])
+                disp = _disp_term(stats, cfg, blocks[0][..., 0].numel())
         orth, mi, disp = orth.float(), mi.float(), disp.float()
         parts = {"orth": orth, "mi": mi, "disp": disp}
         div = sum(w * parts[t] for t, w in zip(TERMS, cfg.weights, strict=True) if t in cfg.terms)
@@ -402,6 +479,13 @@ def diversity_loss(features: Sequence[Tensor], cfg: DiversityConfig) -> dict[str
         "blocks_skipped": skipped,
         "div_nonfinite": (~keep).float(),
     }
+
+
+def _common_dtype(blocks: list[Tensor]) -> torch.dtype:
+    dtype = blocks[0].dtype
+    for b in blocks[1:]:
+        dtype = torch.promote_types(dtype, b.dtype)
+    return dtype
 
 
 def _raise_if_bad(valid: Tensor, blocks: tuple[int, ...]) -> None:

@@ -60,13 +60,15 @@ def compute_loss(
     encoder_targets: Sequence[Tensor] | None = None,
     teacher: nn.Module | None = None,
     generator: torch.Generator | None = None,
+    compiled: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One step's total loss and its detached terms (for logging; no host synchronisation).
 
     ``model`` is a :class:`~diversedit.models.SiT` (possibly wrapped, but exposing ``config``);
     ``encoder_targets`` are the REPA encoder's patch tokens, one (N, T, z_dim) tensor per
     projector; ``teacher`` is the EMA model for SRA. The random draws follow REPA's order
-    (t, noise, label dropout), so a seeded step matches REPA's training loss.
+    (t, noise, label dropout), so a seeded step matches REPA's training loss. ``compiled`` runs
+    the diversity loss through ``torch.compile`` (compile the model yourself).
     """
     base = getattr(model, "module", model)
     terms: dict[str, Tensor] = {}
@@ -92,7 +94,7 @@ def compute_loss(
         terms["repa"] = repa_loss(out.zs, encoder_targets).mean()
         total = total + cfg.repa.coeff * terms["repa"]
     if cfg.diversity is not None:
-        div = diversity_loss(features, cfg.diversity)
+        div = diversity_loss(features, cfg.diversity, compiled=compiled)
         total = total + div["loss"]
         terms |= {k if k.startswith("div") else f"div_{k}": v for k, v in div.items()}
     if cfg.dispersive is not None and cfg.dispersive.coeff > 0:

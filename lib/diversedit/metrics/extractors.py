@@ -17,9 +17,11 @@ IS and, for the Inception only, ``spatial`` (N, 2023) for sFID.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -199,6 +201,34 @@ class InceptionExtractor(FeatureExtractor):
 
 
 # ----------------------------------------------------------------------------- digits-cnn
+
+
+def build_random_inception_weights(path: Path, seed: int = 0) -> Path:
+    """torch-fidelity's Inception with a scale-preserving random init, saved as a state dict.
+
+    For tests and throughput measurements only: its features are not degenerate (the default
+    init collapses them), so metric code can be checked offline, but it is never the real
+    network. Results computed with it must carry a tag (see :class:`InceptionExtractor`).
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    cls = tfi.FeatureExtractorInceptionV3
+    with (
+        mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}),
+        mock.patch.object(cls, "load_state_dict", lambda self, *a, **k: None),
+    ):
+        model = cls("inception-v3-compat", ["2048"])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):  # Kaiming normal, ReLU gain, fan-out
+                fan_out = module.weight.shape[0] * module.weight[0, 0].numel()
+                module.weight.normal_(0, math.sqrt(2 / fan_out), generator=gen)
+        fc = torch.randn(model.fc.weight.shape, generator=gen)
+        model.fc.weight.copy_(0.03 * (fc - fc.mean(dim=1, keepdim=True)))
+        model.fc.bias.zero_()
+    torch.save(model.state_dict(), path)
+    return path
 
 
 class DigitsExtractor(FeatureExtractor):
