@@ -15,6 +15,7 @@ def test_bench_cli_writes_json(tmp_path):
     assert [r["variant"] for r in rows] == ["sit", "diversedit"]
     assert all(r["images_per_s"] > 0 and r["batch"] == 2 for r in rows)
     assert rows[0]["overhead_vs_sit"] == 0 and "torch" in report["machine"]
+    assert all(r["timing"] == "interleaved" for r in rows)  # the CPU default
     loss = report["diversity_loss"]
     assert [r["impl"] for r in loss] == ["fused", "autograd", "compiled"]
     assert all(r["fwd_bwd_ms"] > 0 and r["blocks"] == 12 for r in loss)

@@ -592,7 +592,8 @@ def test_fused_stats_equal_autograd_stats() -> None:
 def test_compiled_loss_equals_eager() -> None:
     """``compiled=True`` (Inductor-fused plain statistics) gives the eager values and gradients."""
     feats = _feats(12, seed=5, shape=(2, 4, 8))
-    feats[4][1, 2, 3] = math.nan  # a skipped block: the pair walk moves on
+    feats[4][1, 2, 3] = math.nan  # skipped blocks: the pair walk moves on
+    feats[9][0, 0, 0] = -math.inf
     cfg = DiversityConfig(pair_encoder_depth=4)
     runs = []
     for compiled in (False, True):
@@ -601,9 +602,9 @@ def test_compiled_loss_equals_eager() -> None:
         out["loss"].backward()
         runs.append((out, [leaf.grad for leaf in leaves]))
     (eager, g_eager), (comp, g_comp) = runs
-    assert eager["pairs_used"] == 10 and eager["blocks_skipped"] == 1
+    assert eager["pairs_used"] == 10 and eager["blocks_skipped"] == 2
     for key in eager:
         _close(comp[key], eager[key])
     for a, b in zip(g_comp, g_eager, strict=True):
         _close(a, b, tol=1e-4)
-    assert not g_comp[4].any() and g_comp[5].abs().sum() > 0
+    assert not g_comp[4].any() and not g_comp[9].any() and g_comp[5].abs().sum() > 0

@@ -9,6 +9,7 @@ re-initialised (Kaiming-normal convs, centred random fc) so its features are not
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -596,3 +597,27 @@ def test_cli_inception_without_weights_exits_with_the_download_hint(tmp_path, ca
     ref = save_adm_npz(tmp_path / "ref.npz", noise_images(17, 4, size=8))
     assert main([str(ref), str(ref), "--cache-dir", str(tmp_path)]) == 2
     assert INCEPTION_WEIGHTS_FILE in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- real weights
+REAL_INCEPTION = os.environ.get("DIVERSEDIT_INCEPTION_WEIGHTS", "")
+ADM_REFERENCE = os.environ.get("DIVERSEDIT_ADM_REFERENCE", "")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (os.path.isfile(REAL_INCEPTION) and os.path.isfile(ADM_REFERENCE)),
+    reason="set DIVERSEDIT_INCEPTION_WEIGHTS (pt_inception-2015-12-05-6726825d.pth) and "
+    "DIVERSEDIT_ADM_REFERENCE (VIRTUAL_imagenet256_labeled.npz)",
+)
+def test_real_inception_reproduces_adm_reference_statistics() -> None:
+    """Our pool and sFID features of ADM's 10K reference images against the statistics ADM's TF
+    evaluator stored in the same file: a wrong resize, layer or channel order gives FD ≫ 1."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ext = InceptionExtractor(REAL_INCEPTION, device)
+    feats = ext.features(iter_adm_batches(ADM_REFERENCE, 100), 100)
+    with np.load(ADM_REFERENCE) as ref:
+        pool = frechet_distance(*stats(feats["pool"]), ref["mu"], ref["sigma"])
+        spatial = frechet_distance(*stats(feats["spatial"]), ref["mu_s"], ref["sigma_s"])
+    assert feats["pool"].shape[1] == 2048 and feats["spatial"].shape[1] == 2023
+    assert pool < 0.05 and spatial < 0.05, (pool, spatial)

@@ -29,6 +29,7 @@ def _bench(args: argparse.Namespace) -> None:
         out=args.out,
         parts=args.parts.split(","),
         steps=args.steps,
+        interleave=args.interleave,
     )
 
 
@@ -159,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--compile", action="store_true", help="torch.compile the model and the diversity loss"
     )
     bench.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    bench.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the variants round-robin (default: on for CPU)",
+    )
     bench.add_argument(
         "--parts", default="train,loss,sampler", help="comma list: train,loss,sampler,inception"
     )

@@ -92,7 +92,7 @@ def _peak_flops(device: str) -> float | None:
     return next((v for k, v in BF16_PEAK.items() if k in name), None)
 
 
-def bench_train_step(
+def prepare_train_step(
     size: str,
     variant: str,
     *,
@@ -100,10 +100,9 @@ def bench_train_step(
     batch: int = 32,
     dtype: str = "bf16",
     compile_model: bool = False,
-    warmup: int = 3,
-    steps: int = 10,
-) -> StepResult:
-    """One optimiser step as the trainer runs it: loss, backward, clip 1.0, fused AdamW, EMA.
+) -> tuple[Callable[[], None], float | None]:
+    """One optimiser step as the trainer runs it (loss, backward, clip 1.0, fused AdamW on CUDA,
+    EMA) as a closure, and its model FLOPs (counted on CUDA, else None).
 
     ``compile_model`` compiles the model and the diversity loss, as the trainer does on CUDA.
     """
@@ -140,15 +139,74 @@ def bench_train_step(
         with counter:
             step(model)  # count on the eager model (same mathematics as the compiled one)
         flops = float(counter.get_total_flops())
-        torch.cuda.reset_peak_memory_stats(device)
-    median = statistics.median(_time(step, device, warmup, steps))
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
+    return step, flops
+
+
+def _result(
+    size: str, variant: str, device: str, dtype: str, batch: int, compiled: bool,
+    times: list[float], flops: float | None, peak: float | None,
+) -> StepResult:  # fmt: skip
+    median = statistics.median(times)
     peak_flops = _peak_flops(device)
     mfu = flops / median / peak_flops if flops and peak_flops else None
     return StepResult(
-        size, variant, device, dtype, batch, compile_model, batch / median, 1e3 * median,
+        size, variant, device, dtype, batch, compiled, batch / median, 1e3 * median,
         peak, flops, mfu,
     )  # fmt: skip
+
+
+def bench_train_step(
+    size: str,
+    variant: str,
+    *,
+    device: str = "cpu",
+    batch: int = 32,
+    dtype: str = "bf16",
+    compile_model: bool = False,
+    warmup: int = 3,
+    steps: int = 10,
+) -> StepResult:
+    """Median step time of one variant, timed alone (with its peak memory on CUDA)."""
+    step, flops = prepare_train_step(
+        size, variant, device=device, batch=batch, dtype=dtype, compile_model=compile_model
+    )
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    times = _time(step, device, warmup, steps)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
+    return _result(size, variant, device, dtype, batch, compile_model, times, flops, peak)
+
+
+def bench_train_steps_interleaved(
+    size: str,
+    variants: Sequence[str],
+    *,
+    device: str = "cpu",
+    batch: int = 32,
+    dtype: str = "bf16",
+    compile_model: bool = False,
+    warmup: int = 3,
+    steps: int = 10,
+) -> list[StepResult]:
+    """Median step times of all variants, timed round-robin (one step of each in turn), so slow
+    drift of a shared or throttled machine hits every variant alike. No per-variant peak memory.
+    """
+    prepared = {
+        v: prepare_train_step(
+            size, v, device=device, batch=batch, dtype=dtype, compile_model=compile_model
+        )
+        for v in variants
+    }
+    for step, _ in prepared.values():
+        _time(step, device, warmup, 0)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(steps):
+        for v, (step, _) in prepared.items():
+            times[v] += _time(step, device, 0, 1)
+    return [
+        _result(size, v, device, dtype, batch, compile_model, times[v], prepared[v][1], None)
+        for v in variants
+    ]
 
 
 LOSS_IMPLS = ("fused", "autograd", "compiled")
@@ -286,9 +344,12 @@ def run(
     out: Path | None,
     parts: Sequence[str] = ("train", "loss", "sampler"),
     steps: int = 10,
+    interleave: bool | None = None,
 ) -> dict[str, Any]:
     """Benchmark ``parts`` (train, loss, sampler, inception) for every size; writes the JSON
-    after each measurement."""
+    after each measurement. ``interleave`` (default: on CPU) times the training variants
+    round-robin instead of one after another."""
+    interleave = device == "cpu" if interleave is None else interleave
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown bench parts {unknown}; choose from {PARTS}")
@@ -304,18 +365,22 @@ def run(
 
     for size in sizes:
         base = None
-        for variant in variants if "train" in parts else ():
-            r = asdict(
-                bench_train_step(
-                    size, variant, device=device, batch=batch, dtype=dtype,
-                    compile_model=compile_model, steps=steps,
-                )
-            )  # fmt: skip
-            base = r["step_ms"] if variant == "sit" else base
+        kw = dict(device=device, batch=batch, dtype=dtype, compile_model=compile_model)
+        if "train" not in parts:
+            results = []
+        elif interleave:
+            results = bench_train_steps_interleaved(size, variants, steps=steps, **kw)
+        else:
+            results = (bench_train_step(size, v, steps=steps, **kw) for v in variants)
+        for result in results:
+            r = asdict(result)
+            r["timing"] = "interleaved" if interleave else "sequential"
+            base = r["step_ms"] if r["variant"] == "sit" else base
             r["overhead_vs_sit"] = r["step_ms"] / base - 1 if base else None
             report["train_step"].append(r)
             print(
-                f"{size:>5} {variant:>16} {r['images_per_s']:9.1f} img/s {r['step_ms']:8.2f} ms"
+                f"{size:>5} {r['variant']:>16} {r['images_per_s']:9.1f} img/s "
+                f"{r['step_ms']:8.2f} ms"
                 + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "")
                 + (f"  +{r['overhead_vs_sit']:.1%}" if r["overhead_vs_sit"] is not None else ""),
                 flush=True,

@@ -14,6 +14,8 @@ All terms are read off small per-block statistics (token means, the block×block
 row-averaged token cosines, column norms), computed in one of two equivalent ways: eagerly by an
 autograd Function with a hand-written float32 backward that keeps no float32 copy of the
 features, or, with ``compiled=True``, as plain differentiable ops that ``torch.compile`` fuses.
+The Gram matmuls follow PyTorch's TF32 switch (``precision.allow_tf32``); the release's
+elementwise products are exact float32, so turn TF32 off for bit-faithful statistics.
 """
 
 from __future__ import annotations
@@ -238,8 +240,9 @@ class _Need(NamedTuple):
 
 
 def _finite_blocks(x: Tensor, dims: tuple[int, int]) -> Tensor:
-    """Per-block "all values finite": x·0 is 0, or NaN for ±inf/NaN, and a sum of zeros cannot
-    overflow; two passes where ``isfinite(x).all()`` takes four in eager mode."""
+    """Per-block "all values finite" in eager mode: x·0 is 0, or NaN for ±inf/NaN, and a sum of
+    zeros cannot overflow; two passes where ``isfinite(x).all()`` takes four. Not for compiled
+    code: Inductor may fold x·0 to 0 (seen on CUDA), so the compiled path uses ``isfinite``."""
     return (x * 0).sum(dim=dims, dtype=torch.float32) == 0
 
 
@@ -335,7 +338,7 @@ def _autograd_stats(
     cosine at once without a row-normalised copy of the features.
     """
     x = torch.stack(blocks, dim=-2).flatten(0, -3)
-    valid = _finite_blocks(x, dims=(0, 2))
+    valid = torch.isfinite(x).all(dim=-1).all(dim=0)  # one fused pass under compile
     x = torch.where(valid[:, None], x, 0).to(dtype)
     empty = x.new_zeros(0)
     mu = x.mean(dim=0) if need.mu else empty
