@@ -10,6 +10,7 @@ import torch
 from diversedit.losses.diversity import (
     DiversityConfig,
     _autograd_stats,
+    _chosen_slots,
     _fused_stats,
     _Need,
     _plan,
@@ -546,7 +547,22 @@ def test_config_lists_become_tuples() -> None:
 NEED = _Need(mu=True, cos=True, fmean=True, cols=True)
 
 
-def test_fused_stats_equal_autograd_stats() -> None:
+def _stats_reference(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """mu, block-pair cosine matrix, fmean, l1, l2 by the textbook chain (F.normalize, einsum)."""
+    x = torch.stack(blocks).flatten(1, -2)
+    valid = torch.isfinite(x).flatten(1).all(dim=1)
+    x = torch.where(valid[:, None, None], x, 0)
+    fh = torch.nn.functional.normalize(x, dim=-1, eps=EPS)
+    return (
+        x.mean(1),
+        torch.einsum("amd,bmd->ab", fh, fh) / x.shape[1],
+        fh.mean(1),
+        torch.linalg.vector_norm(x, ord=1, dim=1),
+        torch.linalg.vector_norm(x, ord=2, dim=1),
+    )
+
+
+def test_fused_stats_equal_reference_and_autograd_stats() -> None:
     """The hand-written backward equals plain autograd, incl. zero, clamped and bad rows."""
     g = torch.Generator().manual_seed(0)
 
@@ -554,31 +570,35 @@ def test_fused_stats_equal_autograd_stats() -> None:
         return list(x.unbind(0))
 
     x = torch.randn(3, 2, 2, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    fused = lambda t: _fused_stats(blocks(t), EPS, torch.float64, NEED, "abs_of_mean")[1:]  # noqa: E731
+    fused = lambda t: _fused_stats(blocks(t), EPS, torch.float64, NEED, "abs_of_mean")[1:6]  # noqa: E731
     assert torch.autograd.gradcheck(fused, (x,))
     x = x.detach().clone()
     x[1, 1, 0], x[2, 0, 0] = 0.0, 1e-9  # a zero row and a row whose norm is clamped to eps
     x[0, :, :, 3] = 0.0  # an all-zero channel
     x[2, 1, 1, 2] = math.nan  # a non-finite block: zeroed, zero gradient
     x.requires_grad_(True)
-    want_all = _autograd_stats(blocks(x), EPS, torch.float64, NEED, "abs_of_mean")
-    weights = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in want_all[1:]]
+    want = _stats_reference(blocks(x))
+    weights = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in want]
     for flags in [NEED, _Need(True, False, False, False), _Need(False, True, False, True)]:
         got = _fused_stats(blocks(x), EPS, torch.float64, flags, "abs_of_mean")
-        want = _autograd_stats(blocks(x), EPS, torch.float64, flags, "abs_of_mean")
-        assert got.valid.tolist() == want.valid.tolist() == [True, True, False]
-        used = [i for i, t in enumerate(want[1:]) if t.numel()]
+        want = _stats_reference(blocks(x))
+        assert got.valid.tolist() == [True, True, False]
+        used = [i for i, t in enumerate(got[1:6]) if t.numel()]
         for i in used:
-            assert torch.allclose(got[i + 1], want[i + 1], rtol=1e-12, atol=1e-12), i
+            assert torch.allclose(got[i + 1], want[i], rtol=1e-12, atol=1e-12), i
         (g_got,) = torch.autograd.grad(sum((got[i + 1] * weights[i]).sum() for i in used), x)
-        (g_want,) = torch.autograd.grad(sum((want[i + 1] * weights[i]).sum() for i in used), x)
+        (g_want,) = torch.autograd.grad(sum((want[i] * weights[i]).sum() for i in used), x)
         assert torch.allclose(g_got, g_want, rtol=1e-10, atol=1e-5), flags
         assert not g_got[2].any()
+    plain = _autograd_stats(blocks(x), EPS, torch.float64, NEED, "abs_of_mean")
+    assert plain.valid.tolist() == [True, True, False] and plain.rows.shape == (4, 3, 5)
+    for i in (0, 2, 3, 4):  # mu, fmean, l1, l2 (pair cosines are gathered by _pair_terms)
+        assert torch.allclose(plain[i + 1], want[i], rtol=1e-12, atol=1e-12), i
     # low-precision input: fp32 statistics of the exact upcast, gradient rounded once
     xb = x.detach()[:2].bfloat16().requires_grad_(True)
-    got = _fused_stats(blocks(xb), EPS, torch.float32, NEED, "abs_of_mean")[1:]
+    got = _fused_stats(blocks(xb), EPS, torch.float32, NEED, "abs_of_mean")[1:6]
     xd = xb.detach().double().requires_grad_(True)
-    want = _autograd_stats(blocks(xd), EPS, torch.float64, NEED, "abs_of_mean")[1:]
+    want = _stats_reference(blocks(xd))
     assert all(t.dtype == torch.float32 for t in got)
     for a, b in zip(got, want, strict=True):
         assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6)
@@ -587,6 +607,14 @@ def test_fused_stats_equal_autograd_stats() -> None:
     (g_want,) = torch.autograd.grad(sum((t * w).sum() for t, w in zip(want, w2, strict=True)), xd)
     assert xb.grad.dtype == torch.bfloat16
     assert torch.allclose(xb.grad.double(), g_want, rtol=1e-2, atol=1e-2 * g_want.abs().max())
+
+
+def test_chosen_slots_order_and_padding() -> None:
+    chosen = torch.tensor([False, True, True, False, True, False])
+    slot, filled = _chosen_slots(chosen, 4)
+    assert slot.tolist()[:3] == [1, 2, 4] and filled.tolist() == [True, True, True, False]
+    slot, filled = _chosen_slots(torch.ones(3, dtype=torch.bool), 3)
+    assert slot.tolist() == [0, 1, 2] and filled.all()
 
 
 def test_compiled_loss_equals_eager() -> None:

@@ -10,12 +10,12 @@ list) and a non-finite L_div becomes 0 through ``torch.where``. No ``.item()`` o
 tensor values happens for the ``skip`` and ``zero_loss`` policies; index tensors are cached per
 (L, config, device), so only the first call on a device copies host data to it.
 
-All terms are read off small per-block statistics (token means, the block×block matrix of
-row-averaged token cosines, column norms), computed in one of two equivalent ways: eagerly by an
-autograd Function with a hand-written float32 backward that keeps no float32 copy of the
-features, or, with ``compiled=True``, as plain differentiable ops that ``torch.compile`` fuses.
-The Gram matmuls follow PyTorch's TF32 switch (``precision.allow_tf32``); the release's
-elementwise products are exact float32, so turn TF32 off for bit-faithful statistics.
+All terms are read off small per-block statistics (token means, row-averaged token cosines of
+block pairs, column norms), computed in one of two equivalent ways: eagerly by an autograd
+Function with a hand-written float32 backward that keeps no float32 copy of the features (pair
+cosines from one block×block Gram matmul, which follows PyTorch's TF32 switch), or, with
+``compiled=True``, as plain differentiable ops that ``torch.compile`` fuses (pair cosines only
+for the chosen pairs, elementwise, exact float32 like the release).
 """
 
 from __future__ import annotations
@@ -230,6 +230,7 @@ class _Stats(NamedTuple):
     fmean: Tensor  # (B, D) row means of the row-normalised blocks
     l1: Tensor  # (B, D) column L1 norms
     l2: Tensor  # (B, D) column L2 norms
+    rows: Tensor  # (M, B, D) the masked features, when pair cosines are read from them instead
 
 
 class _Need(NamedTuple):
@@ -325,7 +326,7 @@ def _fused_stats(
     if mi_form != "abs_of_mean" and need.cos:  # the hand-written backward covers abs_of_mean
         return _autograd_stats(blocks, eps, dtype, need, mi_form)
     x = torch.stack(blocks).flatten(1, -2)
-    return _Stats(*_FusedStats.apply(x, eps, dtype, need))
+    return _Stats(*_FusedStats.apply(x, eps, dtype, need), rows=x.new_zeros(0))
 
 
 def _autograd_stats(
@@ -333,28 +334,45 @@ def _autograd_stats(
 ) -> _Stats:
     """The statistics in plain differentiable ops, on an (M, B, D) stack (rows = sample×token).
 
-    The form ``torch.compile`` fuses (it derives the backward), and the reference the fused eager
-    Function is tested against. The per-row B×B Gram matrices give every pair's token-aligned
-    cosine at once without a row-normalised copy of the features.
+    The form ``torch.compile`` fuses (it derives the backward). Pair cosines are not computed
+    here: :func:`_pair_terms` gathers the chosen pairs' rows (O(|P|) work, exact float32, where a
+    B×B Gram matrix per row costs O(B²) in matmuls that follow the TF32 switch).
     """
     x = torch.stack(blocks, dim=-2).flatten(0, -3)
     valid = torch.isfinite(x).all(dim=-1).all(dim=0)  # one fused pass under compile
     x = torch.where(valid[:, None], x, 0).to(dtype)
     empty = x.new_zeros(0)
     mu = x.mean(dim=0) if need.mu else empty
-    cos = fmean = empty
-    if need.cos or need.fmean:
+    fmean = empty
+    if need.fmean:
         inv = 1.0 / torch.linalg.vector_norm(x, dim=-1).clamp_min(eps)  # (M, B)
-        if need.cos:
-            row_cos = (x @ x.transpose(1, 2)) * inv[:, :, None] * inv[:, None, :]
-            cos = (row_cos.abs() if mi_form == "mean_of_abs" else row_cos).mean(dim=0)
-        if need.fmean:
-            fmean = (x * inv[..., None]).mean(dim=0)
+        fmean = (x * inv[..., None]).mean(dim=0)
     l1 = l2 = empty
     if need.cols:
         l1 = torch.linalg.vector_norm(x, ord=1, dim=0)
         l2 = torch.linalg.vector_norm(x, ord=2, dim=0)
-    return _Stats(valid, mu, cos, fmean, l1, l2)
+    return _Stats(valid, mu, empty, fmean, l1, l2, rows=x if need.cos else empty)
+
+
+def _chosen_slots(chosen: Tensor, cap: int) -> tuple[Tensor, Tensor]:
+    """Candidate positions of the chosen pairs in order, padded to ``cap`` slots, and which
+    slots are filled: a scatter by rank with unique destinations (no sync, deterministic)."""
+    n = chosen.shape[0]
+    idx = torch.arange(n, device=chosen.device)
+    dest = torch.where(chosen, torch.cumsum(chosen, 0) - 1, cap + idx)
+    slot = torch.zeros(cap + n, dtype=idx.dtype, device=idx.device).scatter(0, dest, idx)
+    filled = torch.zeros(cap + n, dtype=torch.bool, device=idx.device).scatter(0, dest, chosen)
+    return slot[:cap], filled[:cap]
+
+
+def _pair_row_cos(rows: Tensor, a: Tensor, b: Tensor, eps: float, mi_form: str) -> Tensor:
+    """c(a, b) of §4.2 for the listed pairs from (M, B, D) rows: the mean over rows of the
+    cosine of row-normalised tokens (of its absolute value for ``mean_of_abs``)."""
+    xa, xb = rows[:, a], rows[:, b]
+    na = torch.linalg.vector_norm(xa, dim=-1).clamp_min(eps)
+    nb = torch.linalg.vector_norm(xb, dim=-1).clamp_min(eps)
+    cos = (xa * xb).sum(dim=-1) / (na * nb)
+    return (cos.abs() if mi_form == "mean_of_abs" else cos).mean(dim=0)
 
 
 def _pair_terms(stats: _Stats, plan: _Plan, cfg: DiversityConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -371,12 +389,17 @@ def _pair_terms(stats: _Stats, plan: _Plan, cfg: DiversityConfig) -> tuple[Tenso
     orth = mi = used.new_zeros(())
     if "orth" in cfg.terms:
         unit = F.normalize(stats.mu, dim=-1, eps=cfg.eps)
-        cos = (unit @ unit.T)[ca, cb]
+        cos = (unit[ca] * unit[cb]).sum(dim=-1)
         cos = {"signed": cos, "abs": cos.abs(), "squared": cos.square()}[cfg.orth_form]
         orth = (cos * weight).sum() / denom
     if "mi" in cfg.terms:
-        c = stats.cos[ca, cb]  # mean_of_abs: already a mean of |cos|
-        mi = ((c.abs() if cfg.mi_form == "abs_of_mean" else c) * weight).sum() / denom
+        if stats.rows.numel():  # only the chosen pairs, from the rows
+            slot, filled = _chosen_slots(chosen, plan.cap)
+            c = _pair_row_cos(stats.rows, ca[slot], cb[slot], cfg.eps, cfg.mi_form)
+            w = filled.to(weight.dtype)
+        else:  # every candidate from the fused block Gram matrix
+            c, w = stats.cos[ca, cb], weight
+        mi = ((c.abs() if cfg.mi_form == "abs_of_mean" else c) * w).sum() / denom
     return orth, mi, used
 
 
