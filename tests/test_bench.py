@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from diversedit.__main__ import main
 
 
@@ -22,3 +24,11 @@ def test_bench_cli_writes_json(tmp_path):
     (inception,) = report["inception"]
     assert inception["images_per_s"] > 0 and inception["weights"].startswith("random init")
     assert report["sampler"] == []
+
+
+@pytest.mark.parametrize("flag", [["--parts", "train,speed"], ["--compile-mode", "fastest"]])
+def test_bench_cli_rejects_unknown_choices(flag, tmp_path):
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit, match="diversedit bench: unknown"):
+        main(["bench", "--sizes", "tiny", "--out", str(out), *flag])
+    assert not out.exists()

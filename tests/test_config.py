@@ -206,6 +206,8 @@ def test_hash_identity():
         ("logging.cka_every", 3),
         ("checkpoint.every", 9),
         ("data.num_workers", 0),
+        ("precision.compile", True),
+        ("precision.compile_mode", "max-autotune"),
     ]:
         assert changed(dotted, value) == h, dotted
 

@@ -13,12 +13,17 @@ from pathlib import Path
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from .bench import VARIANTS, run
+    from .bench import VARIANTS, check_options, run
 
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    parts = args.parts.split(",")
+    try:
+        check_options(parts, args.compile_mode)
+    except ValueError as err:
+        raise SystemExit(f"diversedit bench: {err}") from None
     run(
         args.sizes.split(","),
         variants,
@@ -27,9 +32,10 @@ def _bench(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         compile_model=args.compile,
         out=args.out,
-        parts=args.parts.split(","),
+        parts=parts,
         steps=args.steps,
         interleave=args.interleave,
+        compile_mode=args.compile_mode,
     )
 
 
@@ -158,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     bench.add_argument(
         "--compile", action="store_true", help="torch.compile the model and the diversity loss"
+    )
+    bench.add_argument(
+        "--compile-mode",
+        default="default",
+        help="torch.compile mode for the model (with --compile): default, reduce-overhead, "
+        "max-autotune, max-autotune-no-cudagraphs",
     )
     bench.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     bench.add_argument(

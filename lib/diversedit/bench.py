@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .config import COMPILE_MODES
 from .losses.diversity import DiversityConfig, diversity_loss
 from .losses.objective import ObjectiveConfig, compute_loss
 from .losses.repa import RepaConfig
@@ -100,11 +101,13 @@ def prepare_train_step(
     batch: int = 32,
     dtype: str = "bf16",
     compile_model: bool = False,
+    compile_mode: str = "default",
 ) -> tuple[Callable[[], None], float | None]:
     """One optimiser step as the trainer runs it (loss, backward, clip 1.0, fused AdamW on CUDA,
     EMA) as a closure, and its model FLOPs (counted on CUDA, else None).
 
-    ``compile_model`` compiles the model and the diversity loss, as the trainer does on CUDA.
+    ``compile_model`` compiles the model (with ``compile_mode``) and the diversity loss, as the
+    trainer does on CUDA.
     """
     torch.manual_seed(0)
     model, obj = build(size, variant, device)
@@ -116,7 +119,7 @@ def prepare_train_step(
     x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
     targets = [torch.randn(batch, cfg.num_patches, z, device=device) for z in cfg.z_dims]
-    net = torch.compile(model) if compile_model else model
+    net = torch.compile(model, mode=compile_mode) if compile_model else model
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     dev_type = torch.device(device).type
 
@@ -163,13 +166,15 @@ def bench_train_step(
     batch: int = 32,
     dtype: str = "bf16",
     compile_model: bool = False,
+    compile_mode: str = "default",
     warmup: int = 3,
     steps: int = 10,
 ) -> StepResult:
     """Median step time of one variant, timed alone (with its peak memory on CUDA)."""
     step, flops = prepare_train_step(
-        size, variant, device=device, batch=batch, dtype=dtype, compile_model=compile_model
-    )
+        size, variant, device=device, batch=batch, dtype=dtype, compile_model=compile_model,
+        compile_mode=compile_mode,
+    )  # fmt: skip
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     times = _time(step, device, warmup, steps)
@@ -185,18 +190,18 @@ def bench_train_steps_interleaved(
     batch: int = 32,
     dtype: str = "bf16",
     compile_model: bool = False,
+    compile_mode: str = "default",
     warmup: int = 3,
     steps: int = 10,
 ) -> list[StepResult]:
     """Median step times of all variants, timed round-robin (one step of each in turn), so slow
     drift of a shared or throttled machine hits every variant alike. No per-variant peak memory.
     """
-    prepared = {
-        v: prepare_train_step(
-            size, v, device=device, batch=batch, dtype=dtype, compile_model=compile_model
-        )
-        for v in variants
-    }
+    kw = dict(
+        device=device, batch=batch, dtype=dtype, compile_model=compile_model,
+        compile_mode=compile_mode,
+    )  # fmt: skip
+    prepared = {v: prepare_train_step(size, v, **kw) for v in variants}
     for step, _ in prepared.values():
         _time(step, device, warmup, 0)
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -333,6 +338,15 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def check_options(parts: Sequence[str], compile_mode: str) -> None:
+    """ValueError for an unknown part or compile mode, before anything is built."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown bench parts {unknown}; choose from {PARTS}")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {compile_mode!r}; choose from {COMPILE_MODES}")
+
+
 def run(
     sizes: Sequence[str],
     variants: Sequence[str],
@@ -345,17 +359,21 @@ def run(
     parts: Sequence[str] = ("train", "loss", "sampler"),
     steps: int = 10,
     interleave: bool | None = None,
+    compile_mode: str = "default",
 ) -> dict[str, Any]:
     """Benchmark ``parts`` (train, loss, sampler, inception) for every size; writes the JSON
     after each measurement. ``interleave`` (default: on CPU) times the training variants
     round-robin instead of one after another."""
     interleave = device == "cpu" if interleave is None else interleave
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        raise ValueError(f"unknown bench parts {unknown}; choose from {PARTS}")
+    check_options(parts, compile_mode)
+    settings = {
+        "device": device, "batch": batch, "dtype": dtype, "compile": compile_model,
+        "compile_mode": compile_mode if compile_model else None, "steps": steps,
+        "interleave": interleave, "parts": list(parts),
+    }  # fmt: skip
     report: dict[str, Any] = {
-        "machine": machine(), "train_step": [], "diversity_loss": [], "sampler": [],
-        "inception": [],
+        "machine": machine(), "settings": settings, "train_step": [], "diversity_loss": [],
+        "sampler": [], "inception": [],
     }  # fmt: skip
 
     def save() -> None:
@@ -365,7 +383,10 @@ def run(
 
     for size in sizes:
         base = None
-        kw = dict(device=device, batch=batch, dtype=dtype, compile_model=compile_model)
+        kw = dict(
+            device=device, batch=batch, dtype=dtype, compile_model=compile_model,
+            compile_mode=compile_mode,
+        )  # fmt: skip
         if "train" not in parts:
             results = []
         elif interleave:

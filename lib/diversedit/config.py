@@ -61,13 +61,23 @@ DINOV2_WEIGHTS = {  # official checkpoint file names
 }
 DATA_KINDS = ("imagenet_latents", "digits")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LATENT_DOWNSAMPLE, LATENT_CHANNELS, IMAGENET_CLASSES = 8, 4, 1000
 DIGITS_SIZE, DIGITS_CLASSES = 8, 10
 DINOV2_PATCH_PIXELS = 16  # REPA feeds 224·(res/256) px to a /14 ViT: res/16 tokens per side
 CUSTOM_REQUIRED = ("depth", "hidden_size", "num_heads")
 # Keys of to_dict() left out of hash(): they do not change what is trained. model.name is
 # redundant with the resolved architecture fields, which are hashed.
-HASH_EXCLUDED = ("name", "results_dir", "logging", "checkpoint", "data.num_workers", "model.name")
+HASH_EXCLUDED = (
+    "name",
+    "results_dir",
+    "logging",
+    "checkpoint",
+    "data.num_workers",
+    "model.name",
+    "precision.compile",  # how the same mathematics is executed
+    "precision.compile_mode",
+)
 _SLUG = re.compile(r"[a-z0-9._-]+")
 _MODEL_CHOICES = {
     "long_skip_concat_order": CONCAT_ORDERS,
@@ -234,11 +244,13 @@ class PrecisionConfig:
 
     ``compile`` compiles the model and the diversity loss; ``null`` (default) = on for CUDA
     devices, off on CPU (where compiling costs more than it saves for short runs).
+    ``compile_mode`` is ``torch.compile``'s mode for the model. Neither enters the run hash.
     """
 
     mixed_precision: str = field(default="fp16", metadata={"choices": MIXED_PRECISION})
     allow_tf32: bool = True
     compile: bool | None = None
+    compile_mode: str = field(default="default", metadata={"choices": COMPILE_MODES})
 
     def compile_on(self, device: torch.device) -> bool:
         """Whether to compile on ``device`` (resolves the ``null`` default)."""
@@ -249,6 +261,11 @@ class PrecisionConfig:
             self.mixed_precision in MIXED_PRECISION,
             "mixed_precision",
             _not_one_of(self.mixed_precision, MIXED_PRECISION),
+        )
+        _check(
+            self.compile_mode in COMPILE_MODES,
+            "compile_mode",
+            _not_one_of(self.compile_mode, COMPILE_MODES),
         )
 
 
@@ -370,7 +387,8 @@ class RunConfig:
 
     def hash(self) -> str:
         """First 10 hex digits of the sha256 of the canonical JSON of ``to_dict()`` without the
-        keys of :data:`HASH_EXCLUDED` (naming, output places, logging, checkpoints, workers)."""
+        keys of :data:`HASH_EXCLUDED` (naming, output places, logging, checkpoints, workers,
+        compilation)."""
         payload = self.to_dict()
         for dotted in HASH_EXCLUDED:
             *parents, last = dotted.split(".")

@@ -197,7 +197,8 @@ class Trainer:
         self._resume()
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         self.compiled = cfg.precision.compile_on(acc.device)
-        self.net = torch.compile(self.model) if self.compiled else self.model
+        mode = cfg.precision.compile_mode
+        self.net = torch.compile(self.model, mode=mode) if self.compiled else self.model
 
     # --- state -----------------------------------------------------------------------------
 
