@@ -15,6 +15,7 @@ from diversedit.config import (
     ConfigError,
     EncoderConfig,
     OptimConfig,
+    PrecisionConfig,
     config_from_dict,
     load_config,
 )
@@ -156,7 +157,7 @@ def test_defaults_are_the_paper_values():
     assert (o.grad_accum, o.max_steps) == (1, 400_000)
     p = cfg.precision
     assert (p.mixed_precision, p.allow_tf32, p.compile) == ("fp16", True, None)
-    assert p.compile_on(torch.device("cuda")) and not p.compile_on(torch.device("cpu"))
+    assert not p.compile_on(torch.device("cpu"))
     log = cfg.logging
     assert (log.log_every, log.cka_every, log.cka_probe_size) == (100, 0, 16)
     assert log.tensorboard and log.progress
@@ -171,6 +172,15 @@ def test_defaults_are_the_paper_values():
     )
     assert (cfg.encoder.name, cfg.encoder.weights, cfg.encoder.resolution) == ("none", None, 256)
     assert cfg.objective.repa is None and cfg.objective.diversity is None
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((9, 0), True), ((6, 1), False)])
+def test_compile_default_follows_device(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert PrecisionConfig().compile_on(cuda) is expected
+    assert PrecisionConfig(compile=False).compile_on(cuda) is False
+    assert PrecisionConfig(compile=True).compile_on(torch.device("cpu")) is True
 
 
 def reorder(value):

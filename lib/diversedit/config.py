@@ -243,7 +243,8 @@ class PrecisionConfig:
     """``precision:`` autocast dtype (release default fp16), TF32 and ``torch.compile``.
 
     ``compile`` compiles the model and the diversity loss; ``null`` (default) = on for CUDA
-    devices, off on CPU (where compiling costs more than it saves for short runs).
+    devices that Inductor's Triton kernels support (compute capability 7.0+), off on CPU (where
+    compiling costs more than it saves for short runs).
     ``compile_mode`` is ``torch.compile``'s mode for the model. Neither enters the run hash.
     """
 
@@ -254,7 +255,9 @@ class PrecisionConfig:
 
     def compile_on(self, device: torch.device) -> bool:
         """Whether to compile on ``device`` (resolves the ``null`` default)."""
-        return device.type == "cuda" if self.compile is None else self.compile
+        if self.compile is not None:
+            return self.compile
+        return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
 
     def __post_init__(self) -> None:
         _check(
