@@ -12,6 +12,7 @@ from diversedit.losses.diversity import (
     _autograd_stats,
     _chosen_slots,
     _fused_stats,
+    _ieee_fp32,
     _Need,
     _plan,
     _terms,
@@ -636,3 +637,28 @@ def test_compiled_loss_equals_eager() -> None:
     for a, b in zip(g_comp, g_eager, strict=True):
         _close(a, b, tol=1e-4)
     assert not g_comp[4].any() and not g_comp[9].any() and g_comp[5].abs().sum() > 0
+
+
+def test_eager_gram_matmuls_ignore_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager statistics' matmuls run with TF32 off (exact fp32, as the release's products)
+    and the user's TF32 switch is restored afterwards, also after an error."""
+    seen = []
+    matmul = torch.Tensor.__matmul__
+
+    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        feats = [f.requires_grad_(True) for f in _feats(12)]
+        diversity_loss(feats, DiversityConfig())["loss"].backward()
+        assert seen == [False, False]  # the Gram matmul, forward and backward
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        with pytest.raises(RuntimeError), _ieee_fp32():
+            raise RuntimeError
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved

@@ -13,16 +13,16 @@ tensor values happens for the ``skip`` and ``zero_loss`` policies; index tensors
 All terms are read off small per-block statistics (token means, row-averaged token cosines of
 block pairs, column norms), computed in one of two equivalent ways: eagerly by an autograd
 Function with a hand-written float32 backward that keeps no float32 copy of the features (pair
-cosines from one block×block Gram matmul, which follows PyTorch's TF32 switch), or, with
-``compiled=True``, as plain differentiable ops that ``torch.compile`` fuses (pair cosines only
-for the chosen pairs, elementwise, exact float32 like the release).
+cosines from one block×block Gram matmul, kept in IEEE float32 whatever the TF32 switch), or,
+with ``compiled=True``, as plain differentiable ops that ``torch.compile`` fuses (pair cosines
+only for the chosen pairs, elementwise). Both are exact float32, like the release.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import NamedTuple
@@ -240,6 +240,17 @@ class _Need(NamedTuple):
     cols: bool
 
 
+@contextmanager
+def _ieee_fp32() -> Iterator[None]:
+    """Full float32 matmuls whatever the TF32 switch (the release's products are exact fp32)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _finite_blocks(x: Tensor, dims: tuple[int, int]) -> Tensor:
     """Per-block "all values finite" in eager mode: x·0 is 0, or NaN for ±inf/NaN, and a sum of
     zeros cannot overflow; two passes where ``isfinite(x).all()`` takes four. Not for compiled
@@ -273,7 +284,8 @@ class _FusedStats(torch.autograd.Function):
             fh = x * inv.abs()
             if need.cos:
                 flat = fh.flatten(1)
-                cos = (flat @ flat.T) / rows
+                with _ieee_fp32():
+                    cos = (flat @ flat.T) / rows
             if need.fmean:
                 fmean = fh.mean(dim=1)
             del fh
@@ -301,7 +313,8 @@ class _FusedStats(torch.autograd.Function):
             scale = inv.abs()
             fh = x * scale
             if need.cos:
-                grad = (((g_cos + g_cos.T) / rows) @ fh.flatten(1)).view_as(fh)
+                with _ieee_fp32():
+                    grad = (((g_cos + g_cos.T) / rows) @ fh.flatten(1)).view_as(fh)
                 if need.fmean:
                     grad.add_(g_fmean[:, None] / rows)
             else:
