@@ -226,7 +226,7 @@ class _Stats(NamedTuple):
 
     valid: Tensor  # (B,) bool: every value of the block is finite (invalid blocks read as 0)
     mu: Tensor  # (B, D) token means
-    cos: Tensor  # (B, B) row-averaged cosine of row-normalised blocks (|cos| for mean_of_abs)
+    cos: Tensor  # (B, B) row-averaged token cosines of block pairs (eager Gram; or empty)
     fmean: Tensor  # (B, D) row means of the row-normalised blocks
     l1: Tensor  # (B, D) column L1 norms
     l2: Tensor  # (B, D) column L2 norms
@@ -348,8 +348,8 @@ def _autograd_stats(
     """The statistics in plain differentiable ops, on an (M, B, D) stack (rows = sample×token).
 
     The form ``torch.compile`` fuses (it derives the backward). Pair cosines are not computed
-    here: :func:`_pair_terms` gathers the chosen pairs' rows (O(|P|) work, exact float32, where a
-    B×B Gram matrix per row costs O(B²) in matmuls that follow the TF32 switch).
+    here: :func:`_pair_terms` gathers the chosen pairs' rows (O(|P|) elementwise work, where a
+    B×B Gram matrix per row costs O(B²) in batched matmuls). ``mi_form`` is applied there.
     """
     x = torch.stack(blocks, dim=-2).flatten(0, -3)
     valid = torch.isfinite(x).all(dim=-1).all(dim=0)  # one fused pass under compile
