@@ -10,7 +10,7 @@ from diversedit.__main__ import main
 def test_bench_cli_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     main(["bench", "--sizes", "tiny", "--variants", "sit,diversedit", "--batch", "2",
-          "--steps", "1", "--dtype", "fp32", "--parts", "train,loss,inception",
+          "--steps", "1", "--dtype", "fp32", "--parts", "train,loss,inception", "--profile",
           "--out", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     rows = report["train_step"]
@@ -18,6 +18,9 @@ def test_bench_cli_writes_json(tmp_path):
     assert all(r["images_per_s"] > 0 and r["batch"] == 2 for r in rows)
     assert rows[0]["overhead_vs_sit"] == 0 and "torch" in report["machine"]
     assert all(r["timing"] == "interleaved" for r in rows)  # the CPU default
+    for r in rows:  # the profile names the matmuls that dominate a step on the CPU
+        assert r["profile"] and all(op["self_ms"] >= 0 for op in r["profile"])
+        assert any("mm" in op["name"] for op in r["profile"][:3]), r["profile"][:3]
     loss = report["diversity_loss"]
     assert [r["impl"] for r in loss] == ["fused", "autograd", "compiled"]
     assert all(r["fwd_bwd_ms"] > 0 and r["blocks"] == 12 for r in loss)

@@ -36,6 +36,7 @@ def _bench(args: argparse.Namespace) -> None:
         steps=args.steps,
         interleave=args.interleave,
         compile_mode=args.compile_mode,
+        profile=args.profile,
     )
 
 
@@ -172,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "max-autotune, max-autotune-no-cudagraphs",
     )
     bench.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    bench.add_argument(
+        "--profile", action="store_true", help="record each training variant's top operators"
+    )
     bench.add_argument(
         "--interleave",
         action=argparse.BooleanOptionalAction,

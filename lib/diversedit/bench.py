@@ -59,6 +59,7 @@ class StepResult:
     peak_mem_gib: float | None
     flops_per_step: float | None
     mfu: float | None
+    profile: list[dict[str, Any]] | None = None  # top operators (``--profile``)
 
 
 def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, ObjectiveConfig]:
@@ -67,6 +68,34 @@ def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, Object
     with torch.device(device):  # initialise in place: no host copy of XL weights
         model = create_model(name, **(base | model_kw | {"encoder_depth": 4}))
     return model.train(), ObjectiveConfig(**obj_kw)
+
+
+def profile_step(
+    fn: Callable[[], Any], device: str, steps: int = 2, top: int = 15
+) -> list[dict[str, Any]]:
+    """The ``top`` operators (or compiled kernels) of ``steps`` calls by self time: device time
+    on CUDA, CPU time otherwise, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+
+    def self_us(event: Any) -> float:
+        if not cuda:
+            return event.self_cpu_time_total
+        value = getattr(event, "self_device_time_total", None)  # torch >= 2.4
+        return event.self_cuda_time_total if value is None else value
+
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)[:top]
+    return [
+        {"name": e.key, "self_ms": self_us(e) / 1e3 / steps, "calls": e.count / steps}
+        for e in events
+    ]
 
 
 def _time(fn: Callable[[], Any], device: str, warmup: int, steps: int) -> list[float]:
@@ -169,8 +198,10 @@ def bench_train_step(
     compile_mode: str = "default",
     warmup: int = 3,
     steps: int = 10,
+    profile: bool = False,
 ) -> StepResult:
-    """Median step time of one variant, timed alone (with its peak memory on CUDA)."""
+    """Median step time of one variant, timed alone (with its peak memory on CUDA); with
+    ``profile``, two more steps under the profiler give its top operators."""
     step, flops = prepare_train_step(
         size, variant, device=device, batch=batch, dtype=dtype, compile_model=compile_model,
         compile_mode=compile_mode,
@@ -179,7 +210,9 @@ def bench_train_step(
         torch.cuda.reset_peak_memory_stats(device)
     times = _time(step, device, warmup, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
-    return _result(size, variant, device, dtype, batch, compile_model, times, flops, peak)
+    result = _result(size, variant, device, dtype, batch, compile_model, times, flops, peak)
+    result.profile = profile_step(step, device) if profile else None
+    return result
 
 
 def bench_train_steps_interleaved(
@@ -193,6 +226,7 @@ def bench_train_steps_interleaved(
     compile_mode: str = "default",
     warmup: int = 3,
     steps: int = 10,
+    profile: bool = False,
 ) -> list[StepResult]:
     """Median step times of all variants, timed round-robin (one step of each in turn), so slow
     drift of a shared or throttled machine hits every variant alike. No per-variant peak memory.
@@ -208,10 +242,12 @@ def bench_train_steps_interleaved(
     for _ in range(steps):
         for v, (step, _) in prepared.items():
             times[v] += _time(step, device, 0, 1)
-    return [
-        _result(size, v, device, dtype, batch, compile_model, times[v], prepared[v][1], None)
-        for v in variants
-    ]
+    results = []
+    for v, (step, flops) in prepared.items():
+        result = _result(size, v, device, dtype, batch, compile_model, times[v], flops, None)
+        result.profile = profile_step(step, device) if profile else None
+        results.append(result)
+    return results
 
 
 LOSS_IMPLS = ("fused", "autograd", "compiled")
@@ -360,6 +396,7 @@ def run(
     steps: int = 10,
     interleave: bool | None = None,
     compile_mode: str = "default",
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Benchmark ``parts`` (train, loss, sampler, inception) for every size; writes the JSON
     after each measurement. ``interleave`` (default: on CPU) times the training variants
@@ -369,7 +406,7 @@ def run(
     settings = {
         "device": device, "batch": batch, "dtype": dtype, "compile": compile_model,
         "compile_mode": compile_mode if compile_model else None, "steps": steps,
-        "interleave": interleave, "parts": list(parts),
+        "interleave": interleave, "parts": list(parts), "profile": profile,
     }  # fmt: skip
     report: dict[str, Any] = {
         "machine": machine(), "settings": settings, "train_step": [], "diversity_loss": [],
@@ -385,7 +422,7 @@ def run(
         base = None
         kw = dict(
             device=device, batch=batch, dtype=dtype, compile_model=compile_model,
-            compile_mode=compile_mode,
+            compile_mode=compile_mode, profile=profile,
         )  # fmt: skip
         if "train" not in parts:
             results = []
