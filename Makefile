@@ -50,11 +50,11 @@ BENCH   := $(GPU_PY) -m diversedit bench --device cuda --batch 32 --steps 10
 gpu-check:
 	mkdir -p $(GPU_OUT)
 	nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $(GPU_OUT)/gpu.txt
-	-timeout 170 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
+	-timeout 150 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
 		tests/test_gpu.py tests/test_diversity.py 2>&1 | tee $(GPU_OUT)/tests.log
 	-timeout 120 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversity,diversedit \
 		--parts train,loss,inception --profile --out $(GPU_OUT)/xl_eager.json
-	-timeout 290 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversity,diversedit \
+	-timeout 320 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversity,diversedit \
 		--compile --parts train --profile --out $(GPU_OUT)/xl_compiled.json
 
 clean:
