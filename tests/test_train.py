@@ -266,3 +266,23 @@ def test_bf16_autocast_run_on_cpu(tmp_path):
 
     record = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(record["loss"]) and np.isfinite(record["div"])
+
+
+def test_compile_setting_reaches_model_and_loss(tmp_path, monkeypatch):
+    """precision.compile/compile_mode: the model is compiled with that mode and the diversity
+    loss takes its compiled path (torch.compile stubbed: compiling itself is the GPU tier's)."""
+    import diversedit.losses.diversity as div
+
+    modes = []
+
+    def fake_compile(fn, **kwargs):
+        modes.append(kwargs.get("mode", "default"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    div._compiled_terms.cache_clear()
+    extra = {"precision.compile": True, "precision.compile_mode": "max-autotune-no-cudagraphs"}
+    tr = trainer(config(tmp_path, "digits_diversedit.yaml", **extra | {"optim.max_steps": 2}))
+    tr.fit()
+    div._compiled_terms.cache_clear()
+    assert tr.compiled and modes == ["max-autotune-no-cudagraphs", "default"]

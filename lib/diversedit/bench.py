@@ -24,7 +24,8 @@ from .config import COMPILE_MODES
 from .losses.diversity import DiversityConfig, diversity_loss
 from .losses.objective import ObjectiveConfig, compute_loss
 from .losses.repa import RepaConfig
-from .models import create_model
+from .models import create_model, model_config
+from .models.sit import SiTConfig
 from .sampling import euler_maruyama_sampler
 
 # variant → (model options, objective); REPA uses stand-in encoder targets (no DINOv2 forward).
@@ -64,9 +65,8 @@ class StepResult:
 
 def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, ObjectiveConfig]:
     model_kw, obj_kw = VARIANTS[variant]
-    name, base = ("custom", TINY) if size == "tiny" else (f"SiT-{size}", {})
     with torch.device(device):  # initialise in place: no host copy of XL weights
-        model = create_model(name, **(base | model_kw | {"encoder_depth": 4}))
+        model = create_model(model_config_for(size), **model_kw, encoder_depth=4)
     return model.train(), ObjectiveConfig(**obj_kw)
 
 
@@ -283,11 +283,8 @@ def bench_diversity_loss(
             out = div._terms(tuple(feats), plan, dcfg, div._autograd_stats)
         else:
             out = diversity_loss(feats, dcfg, compiled=impl == "compiled")
-        grads = torch.autograd.grad(out["loss"], feats)
-        del grads
+        torch.autograd.grad(out["loss"], feats)
 
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
     median = statistics.median(_time(run, device, 3, steps))
     return {
         "size": size, "impl": impl, "device": device, "batch": batch, "blocks": n,
@@ -296,11 +293,8 @@ def bench_diversity_loss(
     }  # fmt: skip
 
 
-def model_config_for(size: str):
+def model_config_for(size: str) -> SiTConfig:
     """The SiTConfig a bench size stands for (``tiny`` = the CPU tier's scale)."""
-    from .models import model_config
-    from .models.sit import SiTConfig
-
     return SiTConfig(**TINY) if size == "tiny" else model_config(f"SiT-{size}")
 
 
@@ -418,12 +412,12 @@ def run(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2))
 
+    kw = dict(
+        device=device, batch=batch, dtype=dtype, compile_model=compile_model,
+        compile_mode=compile_mode, profile=profile,
+    )  # fmt: skip
     for size in sizes:
         base = None
-        kw = dict(
-            device=device, batch=batch, dtype=dtype, compile_model=compile_model,
-            compile_mode=compile_mode, profile=profile,
-        )  # fmt: skip
         if "train" not in parts:
             results = []
         elif interleave:

@@ -24,7 +24,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache, partial, reduce
 from typing import NamedTuple
 
 import torch
@@ -485,7 +485,8 @@ def _terms(features: tuple[Tensor, ...], plan: _Plan, cfg: DiversityConfig, stat
                 fmean="disp" in cfg.terms and cfg.disp_form == "mean_activation_variance",
                 cols="disp" in cfg.terms and cfg.disp_form == "release_l1l2_usage",
             )
-            dtype = torch.float32 if fp32 else _common_dtype(blocks)
+            promoted = reduce(torch.promote_types, (b.dtype for b in blocks))
+            dtype = torch.float32 if fp32 else promoted
             stats = stats_fn(blocks, cfg.eps, dtype, need, cfg.mi_form)
             if cfg.nonfinite_policy == "raise":
                 _raise_if_bad(stats.valid, plan.blocks)  # host sync, documented
@@ -518,13 +519,6 @@ def _terms(features: tuple[Tensor, ...], plan: _Plan, cfg: DiversityConfig, stat
         "blocks_skipped": skipped,
         "div_nonfinite": (~keep).float(),
     }
-
-
-def _common_dtype(blocks: list[Tensor]) -> torch.dtype:
-    dtype = blocks[0].dtype
-    for b in blocks[1:]:
-        dtype = torch.promote_types(dtype, b.dtype)
-    return dtype
 
 
 def _raise_if_bad(valid: Tensor, blocks: tuple[int, ...]) -> None:
