@@ -19,8 +19,9 @@ def test_bench_cli_writes_json(tmp_path):
     assert rows[0]["overhead_vs_sit"] == 0 and "torch" in report["machine"]
     assert all(r["timing"] == "interleaved" for r in rows)  # the CPU default
     for r in rows:  # the profile names the matmuls that dominate a step on the CPU
-        assert r["profile"] and all(op["self_ms"] >= 0 for op in r["profile"])
-        assert any("mm" in op["name"] for op in r["profile"][:3]), r["profile"][:3]
+        top = r["profile"]["top"]
+        assert top and all(op["self_ms"] >= 0 for op in top)
+        assert any("mm" in op["name"] for op in top[:3]), top[:3]
     loss = report["diversity_loss"]
     assert [r["impl"] for r in loss] == ["fused", "autograd", "compiled"]
     assert all(r["fwd_bwd_ms"] > 0 and r["blocks"] == 12 for r in loss)
@@ -29,9 +30,25 @@ def test_bench_cli_writes_json(tmp_path):
     assert report["sampler"] == []
 
 
-@pytest.mark.parametrize("flag", [["--parts", "train,speed"], ["--compile-mode", "fastest"]])
+@pytest.mark.parametrize(
+    "flag",
+    [["--parts", "train,speed"], ["--compile-mode", "fastest"], ["--compile-scope", "layers"]],
+)
 def test_bench_cli_rejects_unknown_choices(flag, tmp_path):
     out = tmp_path / "bench.json"
     with pytest.raises(SystemExit, match="diversedit bench: unknown"):
         main(["bench", "--sizes", "tiny", "--out", str(out), *flag])
     assert not out.exists()
+
+
+def test_kernel_classes():
+    from diversedit.bench import kernel_class
+
+    assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "gemm"
+    assert kernel_class("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT") == "gemm"
+    assert kernel_class("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>") == (
+        "attention"
+    )
+    assert kernel_class("void at::native::(anonymous)::fused_adamw_kernel") == "optimizer"
+    assert kernel_class("triton_per_fused_add_mul_native_layer_norm_3") == "compiled"
+    assert kernel_class("void at::native::vectorized_elementwise_kernel<4>") == "other"

@@ -218,6 +218,7 @@ def test_hash_identity():
         ("data.num_workers", 0),
         ("precision.compile", True),
         ("precision.compile_mode", "max-autotune"),
+        ("precision.compile_scope", "blocks"),
     ]:
         assert changed(dotted, value) == h, dotted
 

@@ -45,12 +45,13 @@ def test_bf16_fused_attention_close_to_fp32_math():
     assert err < 2e-2, err
 
 
-def test_compiled_model_matches_eager():
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_model_matches_eager(scope):
     m = perturbed().eval()
     x, t, y = inputs()
     with torch.no_grad():
         ref = m(x, t, y)
-        got = torch.compile(m)(x, t, y)
+        got = torch.compile(m)(x, t, y) if scope == "model" else m.compile_blocks()(x, t, y)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
 
 

@@ -286,3 +286,69 @@ def test_compile_setting_reaches_model_and_loss(tmp_path, monkeypatch):
     tr.fit()
     div._compiled_terms.cache_clear()
     assert tr.compiled and modes == ["max-autotune-no-cudagraphs", "default"]
+
+
+def test_block_compile_scope_compiles_each_block_in_place(tmp_path, monkeypatch):
+    """precision.compile_scope=blocks: every transformer block is compiled with the configured
+    mode (nn.Module.compile stubbed), the model itself is not wrapped, and training runs."""
+    compiled = []
+
+    def fake_module_compile(self, *args, **kwargs):
+        compiled.append((type(self).__name__, kwargs.get("mode")))
+
+    monkeypatch.setattr(torch.nn.Module, "compile", fake_module_compile)
+    extra = {
+        "precision.compile": True,
+        "precision.compile_scope": "blocks",
+        "precision.compile_mode": "max-autotune-no-cudagraphs",
+        "optim.max_steps": 2,
+    }
+    tr = trainer(config(tmp_path, "digits_diversedit.yaml", **extra))
+    depth = tr.model.config.depth
+    assert compiled == [("SiTBlock", "max-autotune-no-cudagraphs")] * depth
+    assert tr.net is tr.model and tr.compiled
+    tr.fit()
+    assert tr.step == 2
+
+
+@pytest.mark.parametrize("scale", [30.0, 1e-4])  # clipping active / inactive
+def test_clip_folded_into_fused_adamw_matches_clip_then_step(scale):
+    """clip_and_step: a fused AdamW divides by grad_scale = 1/coef instead of a separate clipping
+    pass; parameters and norms match clip_grad_norm_ then step (float rounding apart)."""
+    from diversedit.train import clip_and_step
+
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 5, 3)]
+    ref = [torch.randn(s, requires_grad=True) for s in shapes]
+    got, unclipped = ([p.detach().clone().requires_grad_(True) for p in ref] for _ in range(2))
+    # a large eps makes the update depend on the gradient's scale, so clipping shows
+    opts = [
+        torch.optim.AdamW(ps, lr=1e-2, eps=0.1, weight_decay=0.1, fused=True)
+        for ps in (ref, got, unclipped)
+    ]
+    for k in range(3):
+        grads = [scale * 10**k * torch.randn(s) for s in shapes]
+        for ps in (ref, got, unclipped):
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        opts[0].step()
+        norm = clip_and_step(opts[1], got, 1.0)
+        opts[2].step()
+        assert not hasattr(opts[1], "grad_scale")
+        torch.testing.assert_close(norm, norm_ref)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    clipping = scale > 1
+    assert bool((unclipped[0] - ref[0]).abs().max() > 1e-3) == clipping  # the check can fail
+
+
+def test_clip_and_step_clips_for_unfused_optimizers():
+    from diversedit.train import clip_and_step
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.full((4,), 10.0)
+    opt = torch.optim.SGD([p], lr=1.0)
+    norm = clip_and_step(opt, [p], 1.0)
+    assert norm == 20.0
+    torch.testing.assert_close(p.detach(), torch.full((4,), -0.5), atol=1e-5, rtol=0)

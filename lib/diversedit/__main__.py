@@ -21,7 +21,7 @@ def _bench(args: argparse.Namespace) -> None:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     parts = args.parts.split(",")
     try:
-        check_options(parts, args.compile_mode)
+        check_options(parts, args.compile_mode, args.compile_scope)
     except ValueError as err:
         raise SystemExit(f"diversedit bench: {err}") from None
     run(
@@ -36,6 +36,7 @@ def _bench(args: argparse.Namespace) -> None:
         steps=args.steps,
         interleave=args.interleave,
         compile_mode=args.compile_mode,
+        compile_scope=args.compile_scope,
         profile=args.profile,
     )
 
@@ -171,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="default",
         help="torch.compile mode for the model (with --compile): default, reduce-overhead, "
         "max-autotune, max-autotune-no-cudagraphs",
+    )
+    bench.add_argument(
+        "--compile-scope",
+        default="model",
+        help="with --compile: 'model' (one graph) or 'blocks' (each transformer block alone)",
     )
     bench.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     bench.add_argument(

@@ -14,19 +14,21 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import COMPILE_MODES
+from .config import COMPILE_MODES, COMPILE_SCOPES
 from .losses.diversity import DiversityConfig, diversity_loss
 from .losses.objective import ObjectiveConfig, compute_loss
 from .losses.repa import RepaConfig
 from .models import create_model, model_config
 from .models.sit import SiTConfig
 from .sampling import euler_maruyama_sampler
+from .train import clip_and_step
 
 # variant → (model options, objective); REPA uses stand-in encoder targets (no DINOv2 forward).
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -60,7 +62,7 @@ class StepResult:
     peak_mem_gib: float | None
     flops_per_step: float | None
     mfu: float | None
-    profile: list[dict[str, Any]] | None = None  # top operators (``--profile``)
+    profile: dict[str, Any] | None = None  # where the time goes (``--profile``)
 
 
 def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, ObjectiveConfig]:
@@ -70,11 +72,28 @@ def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, Object
     return model.train(), ObjectiveConfig(**obj_kw)
 
 
+# Kernel name fragments → class, first match wins (CUDA kernels; everything else is "other").
+KERNEL_CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "cublas", "splitk", "triton_tem")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "lerp")),  # AdamW, clip norm, EMA
+    ("compiled", ("triton",)),  # Inductor's fused elementwise and reduction kernels
+)
+
+
+def kernel_class(name: str) -> str:
+    """The class of a CUDA kernel name (:data:`KERNEL_CLASSES`), ``other`` when none matches."""
+    low = name.lower()
+    return next((c for c, frags in KERNEL_CLASSES if any(f in low for f in frags)), "other")
+
+
 def profile_step(
     fn: Callable[[], Any], device: str, steps: int = 2, top: int = 15
-) -> list[dict[str, Any]]:
-    """The ``top`` operators (or compiled kernels) of ``steps`` calls by self time: device time
-    on CUDA, CPU time otherwise, per step."""
+) -> dict[str, Any]:
+    """Where ``steps`` calls of ``fn`` spend their time, per call: the ``top`` operators (or
+    compiled kernels) by self time (device time on CUDA, CPU time otherwise), and on CUDA the
+    summed kernel time per :data:`KERNEL_CLASSES` class (``kernel_ms``, with ``total``)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
@@ -92,10 +111,18 @@ def profile_step(
         return event.self_cuda_time_total if value is None else value
 
     events = sorted(prof.key_averages(), key=self_us, reverse=True)[:top]
-    return [
+    kernel_ms: dict[str, float] = {}
+    if cuda:
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                cls = kernel_class(e.name)
+                kernel_ms[cls] = kernel_ms.get(cls, 0.0) + e.device_time_total / 1e3 / steps
+        kernel_ms["total"] = sum(kernel_ms.values())
+    ops = [
         {"name": e.key, "self_ms": self_us(e) / 1e3 / steps, "calls": e.count / steps}
         for e in events
     ]
+    return {"top": ops, "kernel_ms": kernel_ms}
 
 
 def _time(fn: Callable[[], Any], device: str, warmup: int, steps: int) -> list[float]:
@@ -131,12 +158,14 @@ def prepare_train_step(
     dtype: str = "bf16",
     compile_model: bool = False,
     compile_mode: str = "default",
+    compile_scope: str = "model",
 ) -> tuple[Callable[[], None], float | None]:
-    """One optimiser step as the trainer runs it (loss, backward, clip 1.0, fused AdamW on CUDA,
-    EMA) as a closure, and its model FLOPs (counted on CUDA, else None).
+    """One optimiser step as the trainer runs it (loss, backward, clip 1.0 and AdamW in one
+    :func:`~diversedit.train.clip_and_step`, fused on CUDA, EMA) as a closure, and its model
+    FLOPs (counted on CUDA, else None).
 
-    ``compile_model`` compiles the model (with ``compile_mode``) and the diversity loss, as the
-    trainer does on CUDA.
+    ``compile_model`` compiles the model (with ``compile_mode``, as one graph or per block, see
+    ``compile_scope``) and the diversity loss, as the trainer does on CUDA.
     """
     torch.manual_seed(0)
     model, obj = build(size, variant, device)
@@ -148,18 +177,14 @@ def prepare_train_step(
     x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
     targets = [torch.randn(batch, cfg.num_patches, z, device=device) for z in cfg.z_dims]
-    net = torch.compile(model, mode=compile_mode) if compile_model else model
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     dev_type = torch.device(device).type
 
-    def step(network: torch.nn.Module = net) -> None:
+    def step(network: torch.nn.Module = model, compiled: bool = False) -> None:
         with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = compute_loss(
-                network, x0, y, obj, encoder_targets=targets, compiled=network is not model
-            )
+            loss, _ = compute_loss(network, x0, y, obj, encoder_targets=targets, compiled=compiled)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
+        clip_and_step(opt, params, 1.0)
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(ema, list(model.parameters()), 1 - 0.9999)
@@ -169,9 +194,14 @@ def prepare_train_step(
         step()  # allocate optimiser state before counting
         counter = FlopCounterMode(display=False)
         with counter:
-            step(model)  # count on the eager model (same mathematics as the compiled one)
+            step()  # count on the eager model (same mathematics as the compiled one)
         flops = float(counter.get_total_flops())
-    return step, flops
+    if not compile_model:
+        return step, flops
+    if compile_scope == "blocks":
+        model.compile_blocks(compile_mode)
+        return partial(step, model, True), flops
+    return partial(step, torch.compile(model, mode=compile_mode), True), flops
 
 
 def _result(
@@ -196,6 +226,7 @@ def bench_train_step(
     dtype: str = "bf16",
     compile_model: bool = False,
     compile_mode: str = "default",
+    compile_scope: str = "model",
     warmup: int = 3,
     steps: int = 10,
     profile: bool = False,
@@ -204,7 +235,7 @@ def bench_train_step(
     ``profile``, two more steps under the profiler give its top operators."""
     step, flops = prepare_train_step(
         size, variant, device=device, batch=batch, dtype=dtype, compile_model=compile_model,
-        compile_mode=compile_mode,
+        compile_mode=compile_mode, compile_scope=compile_scope,
     )  # fmt: skip
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -224,6 +255,7 @@ def bench_train_steps_interleaved(
     dtype: str = "bf16",
     compile_model: bool = False,
     compile_mode: str = "default",
+    compile_scope: str = "model",
     warmup: int = 3,
     steps: int = 10,
     profile: bool = False,
@@ -233,7 +265,7 @@ def bench_train_steps_interleaved(
     """
     kw = dict(
         device=device, batch=batch, dtype=dtype, compile_model=compile_model,
-        compile_mode=compile_mode,
+        compile_mode=compile_mode, compile_scope=compile_scope,
     )  # fmt: skip
     prepared = {v: prepare_train_step(size, v, **kw) for v in variants}
     for step, _ in prepared.values():
@@ -368,13 +400,15 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def check_options(parts: Sequence[str], compile_mode: str) -> None:
-    """ValueError for an unknown part or compile mode, before anything is built."""
+def check_options(parts: Sequence[str], compile_mode: str, compile_scope: str = "model") -> None:
+    """ValueError for an unknown part, compile mode or scope, before anything is built."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown bench parts {unknown}; choose from {PARTS}")
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {compile_mode!r}; choose from {COMPILE_MODES}")
+    if compile_scope not in COMPILE_SCOPES:
+        raise ValueError(f"unknown compile scope {compile_scope!r}; choose from {COMPILE_SCOPES}")
 
 
 def run(
@@ -390,16 +424,18 @@ def run(
     steps: int = 10,
     interleave: bool | None = None,
     compile_mode: str = "default",
+    compile_scope: str = "model",
     profile: bool = False,
 ) -> dict[str, Any]:
     """Benchmark ``parts`` (train, loss, sampler, inception) for every size; writes the JSON
     after each measurement. ``interleave`` (default: on CPU) times the training variants
     round-robin instead of one after another."""
     interleave = device == "cpu" if interleave is None else interleave
-    check_options(parts, compile_mode)
+    check_options(parts, compile_mode, compile_scope)
     settings = {
         "device": device, "batch": batch, "dtype": dtype, "compile": compile_model,
-        "compile_mode": compile_mode if compile_model else None, "steps": steps,
+        "compile_mode": compile_mode if compile_model else None,
+        "compile_scope": compile_scope if compile_model else None, "steps": steps,
         "interleave": interleave, "parts": list(parts), "profile": profile,
     }  # fmt: skip
     report: dict[str, Any] = {
@@ -414,7 +450,7 @@ def run(
 
     kw = dict(
         device=device, batch=batch, dtype=dtype, compile_model=compile_model,
-        compile_mode=compile_mode, profile=profile,
+        compile_mode=compile_mode, compile_scope=compile_scope, profile=profile,
     )  # fmt: skip
     for size in sizes:
         base = None

@@ -193,6 +193,14 @@ class SiT(nn.Module):
                 offset = 0 if self.config.long_skip_concat_order == "deep_first" else d
                 skip.linear.weight.data[:, offset : offset + d].copy_(torch.eye(d))
 
+    def compile_blocks(self, mode: str = "default") -> SiT:
+        """Regional compilation: ``torch.compile`` each transformer block in place. Blocks of one
+        shape share a compiled graph, so this compiles in seconds; embedders, long-skip fusions
+        and the final layer stay eager. State-dict keys are unchanged."""
+        for block in self.blocks:
+            block.compile(mode=mode)
+        return self
+
     def unpatchify(self, x: Tensor) -> Tensor:
         """(N, T, p·p·C) → (N, C, H, W)."""
         p, c = self.patch_size, self.out_channels
@@ -229,7 +237,9 @@ class SiT(nn.Module):
         post- or pre-fusion), the REPA projections and the SRA head output.
         """
         cfg = self.config
-        x = self.x_embedder(x) + self.pos_embed
+        # contiguous: PatchEmbed's tokens are a transposed view; every block then sees one layout
+        # (a single compiled graph under compile_blocks)
+        x = (self.x_embedder(x) + self.pos_embed).contiguous()
         n, tokens, d = x.shape
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         if cfg.interval_embedding:
