@@ -10,8 +10,8 @@ from diversedit.__main__ import main
 def test_bench_cli_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     main(["bench", "--sizes", "tiny", "--variants", "sit,diversedit", "--batch", "2",
-          "--steps", "1", "--dtype", "fp32", "--parts", "train,loss,inception", "--profile",
-          "--out", str(out)])  # fmt: skip
+          "--steps", "1", "--dtype", "fp32", "--parts", "train,loss,optimizer,inception",
+          "--profile", "--out", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     rows = report["train_step"]
     assert [r["variant"] for r in rows] == ["sit", "diversedit"]
@@ -25,6 +25,9 @@ def test_bench_cli_writes_json(tmp_path):
     loss = report["diversity_loss"]
     assert [r["impl"] for r in loss] == ["fused", "autograd", "compiled"]
     assert all(r["fwd_bwd_ms"] > 0 and r["blocks"] == 12 for r in loss)
+    (update,) = report["optimizer"]
+    assert update["params"] > 0 and update["tensors"] > 1
+    assert all(v > 0 for k, v in update.items() if k.endswith("_ms")), update
     (inception,) = report["inception"]
     assert inception["images_per_s"] > 0 and inception["weights"].startswith("random init")
     assert report["sampler"] == []

@@ -189,7 +189,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="time the variants round-robin (default: on for CPU)",
     )
     bench.add_argument(
-        "--parts", default="train,loss,sampler", help="comma list: train,loss,sampler,inception"
+        "--parts",
+        default="train,loss,sampler",
+        help="comma list: train,loss,optimizer,sampler,inception",
     )
     bench.add_argument("--out", type=Path, default=None, help="JSON file to write")
     bench.set_defaults(func=_bench)

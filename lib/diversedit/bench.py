@@ -1,5 +1,6 @@
 """Throughput benchmarks, JSON out, no assertions: training steps per variant, the diversity
-loss alone (per implementation), the SDE sampler and Inception feature extraction.
+loss alone (per implementation), the parameter update (AdamW, clipping, EMA), the SDE sampler
+and Inception feature extraction.
 
 Run ``diversedit bench --device cuda --sizes S/2,B/2,XL/2`` on a GPU node (or ``--sizes tiny``
 on a CPU). Each measurement is the median over timed repeats after warm-up, with the machine's
@@ -28,7 +29,6 @@ from .losses.repa import RepaConfig
 from .models import create_model, model_config
 from .models.sit import SiTConfig
 from .sampling import euler_maruyama_sampler
-from .train import clip_and_step
 
 # variant → (model options, objective); REPA uses stand-in encoder targets (no DINOv2 forward).
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -46,7 +46,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 TINY = dict(depth=12, hidden_size=192, num_heads=3, input_size=16, patch_size=2, num_classes=10)
 # Dense bf16 tensor-core peak (FLOP/s) by device name fragment.
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-PARTS = ("train", "loss", "sampler", "inception")
+PARTS = ("train", "loss", "optimizer", "sampler", "inception")
 
 
 @dataclass
@@ -160,9 +160,8 @@ def prepare_train_step(
     compile_mode: str = "default",
     compile_scope: str = "model",
 ) -> tuple[Callable[[], None], float | None]:
-    """One optimiser step as the trainer runs it (loss, backward, clip 1.0 and AdamW in one
-    :func:`~diversedit.train.clip_and_step`, fused on CUDA, EMA) as a closure, and its model
-    FLOPs (counted on CUDA, else None).
+    """One optimiser step as the trainer runs it (loss, backward, clip 1.0, fused AdamW on CUDA,
+    EMA) as a closure, and its model FLOPs (counted on CUDA, else None).
 
     ``compile_model`` compiles the model (with ``compile_mode``, as one graph or per block, see
     ``compile_scope``) and the diversity loss, as the trainer does on CUDA.
@@ -184,7 +183,8 @@ def prepare_train_step(
         with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, _ = compute_loss(network, x0, y, obj, encoder_targets=targets, compiled=compiled)
         loss.backward()
-        clip_and_step(opt, params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(ema, list(model.parameters()), 1 - 0.9999)
@@ -362,6 +362,38 @@ def bench_inception(
     }  # fmt: skip
 
 
+def bench_optimizer(size: str, *, device: str = "cpu", steps: int = 10) -> dict[str, Any]:
+    """The parameter-update part of a training step at a model size, piece by piece (ms): fused
+    AdamW (on CUDA), gradient clipping, EMA, and each pass alone; ``flat_*`` times the same
+    bytes as one contiguous tensor, the headroom a flat parameter buffer would give."""
+    torch.manual_seed(0)
+    model, _ = build(size, "sit", device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    grads = [p.grad for p in params]
+    ema = [p.detach().clone() for p in params]
+    count = sum(p.numel() for p in params)
+    flat, flat_ema = torch.randn(count, device=device), torch.randn(count, device=device)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.startswith("cuda"))
+    opt.step()  # optimiser state
+
+    def ms(fn: Callable[[], Any]) -> float:
+        return 1e3 * statistics.median(_time(fn, device, 2, steps))
+
+    return {
+        "size": size, "device": device, "params": count, "tensors": len(params),
+        "adamw_step_ms": ms(opt.step),
+        "clip_grad_norm_ms": ms(lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True)),
+        "ema_lerp_ms": ms(lambda: torch._foreach_lerp_(ema, params, 1e-4)),
+        "grad_norm_ms": ms(lambda: torch._foreach_norm(grads)),
+        "grad_scale_ms": ms(lambda: torch._foreach_mul_(grads, 1.0)),
+        "flat_norm_ms": ms(lambda: torch.linalg.vector_norm(flat)),
+        "flat_scale_ms": ms(lambda: flat.mul_(1.0)),
+        "flat_ema_lerp_ms": ms(lambda: flat_ema.lerp_(flat, 1e-4)),
+    }  # fmt: skip
+
+
 def bench_sampler(
     size: str, *, device: str = "cpu", batch: int = 64, cfg_scale: float = 1.0, steps: int = 10
 ) -> dict[str, Any]:
@@ -427,8 +459,8 @@ def run(
     compile_scope: str = "model",
     profile: bool = False,
 ) -> dict[str, Any]:
-    """Benchmark ``parts`` (train, loss, sampler, inception) for every size; writes the JSON
-    after each measurement. ``interleave`` (default: on CPU) times the training variants
+    """Benchmark ``parts`` (train, loss, optimizer, sampler, inception) for every size; writes
+    the JSON after each measurement. ``interleave`` (default: on CPU) times the training variants
     round-robin instead of one after another."""
     interleave = device == "cpu" if interleave is None else interleave
     check_options(parts, compile_mode, compile_scope)
@@ -440,7 +472,7 @@ def run(
     }  # fmt: skip
     report: dict[str, Any] = {
         "machine": machine(), "settings": settings, "train_step": [], "diversity_loss": [],
-        "sampler": [], "inception": [],
+        "optimizer": [], "sampler": [], "inception": [],
     }  # fmt: skip
 
     def save() -> None:
@@ -480,6 +512,15 @@ def run(
             )
             report["diversity_loss"].append(r)
             print(f"{size:>5} diversity loss {impl:>9} {r['fwd_bwd_ms']:8.2f} ms", flush=True)
+            save()
+        if "optimizer" in parts:
+            r = bench_optimizer(size, device=device, steps=steps)
+            report["optimizer"].append(r)
+            print(
+                f"{size:>5} update: AdamW {r['adamw_step_ms']:.2f} ms, clip "
+                f"{r['clip_grad_norm_ms']:.2f} ms, EMA {r['ema_lerp_ms']:.2f} ms",
+                flush=True,
+            )
             save()
         for scale in (1.0, 1.8) if "sampler" in parts else ():
             report["sampler"].append(bench_sampler(size, device=device, cfg_scale=scale))

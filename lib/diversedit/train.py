@@ -15,7 +15,7 @@ import json
 import random
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,31 +90,6 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ema_params = [p for p in ema.parameters()]
     params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-
-def clip_and_step(optimizer: Any, params: Iterable[Tensor], max_norm: float) -> Tensor:
-    """``clip_grad_norm_(params, max_norm)`` then ``optimizer.step()``; returns the total norm.
-
-    For a fused Adam/AdamW (the CUDA default) the clipping is folded into the step: the kernel
-    divides each gradient by ``grad_scale = 1/coef`` as it reads it, which saves a read-and-write
-    pass over every gradient (the same mathematics up to float rounding). ``optimizer`` may be
-    wrapped by accelerate (no grad scaler: fp16 with a scaler clips the usual way).
-    """
-    params = list(params)
-    inner = getattr(optimizer, "optimizer", optimizer)
-    fused = isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and inner.defaults.get("fused")
-    if not fused or getattr(optimizer, "scaler", None) is not None:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        optimizer.step()
-        return norm
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    inner.grad_scale = 1.0 / torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as clip_grad_norm_
-    try:
-        optimizer.step()
-    finally:
-        del inner.grad_scale
-    return norm
 
 
 def _provenance(accelerator: Any) -> dict[str, Any]:
@@ -391,13 +366,9 @@ class Trainer:
                     compiled=self.compiled,
                 )
             acc.backward(loss)
-            clip = cfg.optim.grad_clip if acc.sync_gradients else 0.0
-            if clip > 0 and acc.scaler is None:
-                grad_norm = clip_and_step(self.optimizer, self.model.parameters(), clip)
-            else:
-                if clip > 0:  # fp16: accelerate unscales the gradients before clipping
-                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
-                self.optimizer.step()
+            if acc.sync_gradients and cfg.optim.grad_clip > 0:
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients:
                 update_ema(self.ema, acc.unwrap_model(self.model), cfg.optim.ema_decay)
