@@ -251,6 +251,23 @@ def test_block_similarity_units_differ_and_eval_flag_kept() -> None:
         block_similarity(model, _batches(), unit="patch")
 
 
+def test_block_similarity_probes_meanflow_models_at_r_equal_t() -> None:
+    from diversedit.models import create_model
+
+    torch.manual_seed(0)
+    kw = dict(depth=4, hidden_size=32, num_heads=4, input_size=8, num_classes=10)
+    model = create_model("custom", interval_embedding=True, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # adaLN-Zero: make the blocks differ
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(6, 4, 8, 8, generator=g), torch.rand(6, generator=g), torch.arange(6)
+    implicit = block_similarity(model, [(x, t, y)])
+    torch.testing.assert_close(implicit, block_similarity(model, [(x, t, y, t)]))
+    other = block_similarity(model, [(x, t, y, torch.zeros(6))])
+    assert implicit.shape == (4, 4) and not torch.allclose(implicit, other)
+
+
 # ---------------------------------------------------------------------------- cross-check
 
 

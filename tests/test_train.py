@@ -66,6 +66,14 @@ def test_digits_loss_falls(tmp_path):
     assert sim.shape == (4, 4) and np.allclose(np.diag(sim), 1)
 
 
+def test_meanflow_run_records_cka_snapshots(tmp_path):
+    """The CKA probe works for MeanFlow models too (probed at r = t)."""
+    extra = {"optim.max_steps": 2, "logging.cka_every": 2}
+    run = trainer(config(tmp_path, "digits_meanflow.yaml", **extra)).fit()
+    sim = np.load(run / "cka" / "step_00000002.npy")
+    assert sim.shape == (4, 4) and np.allclose(np.diag(sim), 1)
+
+
 def states_equal(a, b):
     assert a.keys() == b.keys()
     for k in a:

@@ -79,14 +79,16 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
 @torch.no_grad()
 def block_similarity(
     model: torch.nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor, Tensor]],
+    batches: Iterable[tuple[Tensor, ...]],
     *,
     unit: str = "image",
 ) -> Tensor:
     """(L, L) minibatch CKA between the post-fusion outputs of a model's L blocks.
 
-    ``batches`` yields ``(x_t, t, y)``; ``model(x_t, t, y, return_aux=True).features`` must be a
-    list of L tensors (N, T, D). Runs in eval mode under no_grad; the training flag is restored.
+    ``batches`` yields ``(x_t, t, y)`` or ``(x_t, t, y, r)``; ``model(x_t, t, y[, r],
+    return_aux=True).features`` must be a list of L tensors (N, T, D). A MeanFlow model (one
+    that embeds the interval t − r) without an ``r`` is probed at ``r = t``, its instantaneous
+    velocity. Runs in eval mode under no_grad; the training flag is restored.
 
     unit="image" (default): one example per image, T×D flattened; keeps spatial layout, cheap
     Gram (N×N), but needs N >= 4 per batch and many images for low variance.
@@ -100,8 +102,10 @@ def block_similarity(
     model.eval()
     acc: MinibatchCKA | None = None
     try:
-        for x_t, t, y in batches:
-            feats = model(x_t, t, y, return_aux=True).features
+        interval = getattr(getattr(model, "config", None), "interval_embedding", False)
+        for x_t, t, y, *r in batches:
+            r = r or ([t] if interval else [])
+            feats = model(x_t, t, y, *r, return_aux=True).features
             if unit == "token":
                 feats = [f.reshape(-1, f.shape[-1]) for f in feats]
             if acc is None:
