@@ -54,3 +54,36 @@ def test_latent_run_trains_and_samples_through_the_vae(prepared, vae_dir, tmp_pa
     assert images.dtype == np.uint8 and images.shape == (3, 32, 32, 3)  # decoded to pixels
     record = (path.parent / "sampling.json").read_text()
     assert '"decoder": "sd-vae"' in record and str(vae_dir) in record
+
+
+def test_a_diverging_row_is_recorded_as_diverged(tmp_path, monkeypatch):
+    """A run that stops on a non-finite loss becomes a 'diverged' result (the paper's t05
+    'constant weight' row diverges), not a failed row; the report shows it beside 'diverges'."""
+    import diversedit.train as train_module
+    from diversedit.pipeline import load_row, run_row
+    from diversedit.results import aggregate, read_results
+
+    real = train_module.compute_loss
+
+    def poisoned(*args, **kwargs):  # the loss turns NaN from the second step on
+        loss, terms = real(*args, **kwargs)
+        poisoned.calls += 1
+        if poisoned.calls >= 2:
+            terms = terms | {"denoise": terms["denoise"] * float("nan")}
+            loss = loss * float("nan")
+        return loss, terms
+
+    poisoned.calls = 0
+    monkeypatch.setattr(train_module, "compute_loss", poisoned)
+    AcceleratorState._reset_state(True)
+    params = load_row(
+        "params/t05_adaptive_range/smoke/constant-weight.yaml", results_dir=str(tmp_path)
+    )
+    record = run_row(params)
+    assert record["status"] == "diverged" and record["metrics"] == {}
+    assert record["metric_info"]["step"] == 2 and "denoise" in record["metric_info"]["error"]
+    (result,) = read_results(tmp_path)
+    assert result.status == "diverged" and result.run_dir
+    df = aggregate(tmp_path)
+    row = df[(df.table == "t05") & (df.tier == "smoke") & (df.row == "constant-weight")]
+    assert set(row.status) == {"diverged"} and set(row.published_status) == {"diverges"}

@@ -316,6 +316,16 @@ def test_row_result_rejects(change, message):
         RowResult(**kwargs)
 
 
+def test_diverged_results_need_the_error_and_no_metrics():
+    base = _smoke_result("sit-b").to_dict() | {"status": "diverged", "metrics": {}}
+    ok = RowResult(**base | {"metric_info": {"error": "step 3: loss became NaN", "step": 3}})
+    assert ok.status == "diverged"
+    with pytest.raises(ValueError, match="how the run diverged"):
+        RowResult(**base | {"metric_info": {}})
+    with pytest.raises(ValueError, match="no metrics"):
+        RowResult(**base | {"metrics": {"FD_digits": 1.0}, "metric_info": {"error": "x"}})
+
+
 def test_paper_metric_names():
     assert paper_metric("FID") == "FID" and paper_metric("FD_digits") == "FID"
     assert paper_metric("sFD_digits") == "sFID" and paper_metric("Recall_digits") == "Recall"

@@ -142,16 +142,37 @@ def _reference(params: RowParams, cfg: RunConfig) -> Path:
 def run_row(params: RowParams) -> dict[str, Any]:
     """Train (resuming or reusing a finished run), sample, evaluate; write the row's results.
 
+    A run that stops on a non-finite loss gives a ``diverged`` result (no samples, no metrics).
     Returns the results record; ``results/<table>/<tier>/<row>/metrics.json`` is written last,
     so a row is done exactly when that file exists.
     """
     from .generate import SamplingConfig, sample_run
     from .metrics.evaluate import evaluate
     from .results import RowResult, write_result
-    from .train import train
+    from .train import NonFiniteLossError, train
 
     cfg = params.run_config()
-    run_dir = train(cfg)
+    common = dict(
+        table=params.table,
+        row=params.row,
+        tier=params.tier,
+        label=params.label or params.row,
+        config_hash=cfg.hash(),
+        train_steps=cfg.optim.max_steps,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    try:
+        run_dir = train(cfg)
+    except NonFiniteLossError as err:  # a result too (the paper reports rows that diverge)
+        result = RowResult(
+            metrics={},
+            metric_info={"error": str(err), "step": err.step},
+            run_dir=str(cfg.run_dir()),
+            status="diverged",
+            **common,
+        )
+        write_result(result, params.results_dir)
+        return dataclasses.asdict(result)
     sampling = SamplingConfig(
         mode=params.sampler,
         num_steps=params.sampler_steps,
@@ -173,10 +194,6 @@ def run_row(params: RowParams) -> dict[str, Any]:
     )
     metrics = {k: v for k, v in record["metrics"].items() if isinstance(v, float)}
     result = RowResult(
-        table=params.table,
-        row=params.row,
-        tier=params.tier,
-        label=params.label or params.row,
         metrics=metrics,
         metric_info={
             "N_samples": record["metrics"]["N_samples"],
@@ -186,10 +203,8 @@ def run_row(params: RowParams) -> dict[str, Any]:
             "paper_comparable": record["protocol"]["paper_comparable"],
         },
         run_dir=str(run_dir),
-        config_hash=cfg.hash(),
-        train_steps=cfg.optim.max_steps,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         status="done",
+        **common,
     )
     write_result(result, params.results_dir)
     return dataclasses.asdict(result)

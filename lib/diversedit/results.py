@@ -253,7 +253,9 @@ class RowResult:
 
     ``metric_info`` must hold ``N_samples``, ``N_ref`` (ints), ``extractor`` (its name, e.g.
     "inception-v3-compat" or "digits-cnn (stand-in)") and ``sampler`` (a dict of sampler settings).
-    ``baseline`` names the row's own baseline row when the published file does not."""
+    A ``diverged`` result (training stopped on a non-finite loss) has no metrics and holds the
+    stop's ``error`` and ``step`` instead. ``baseline`` names the row's own baseline row when the
+    published file does not."""
 
     table: str
     row: str
@@ -303,6 +305,12 @@ class RowResult:
         info = self.metric_info if isinstance(self.metric_info, Mapping) else {}
         if not isinstance(self.metric_info, Mapping):
             errs.append("metric_info must be a mapping")
+        if self.status == "diverged":  # training stopped: no samples, no metrics
+            if self.metrics:
+                errs.append("a diverged result has no metrics")
+            if not (isinstance(info.get("error"), str) and info["error"].strip()):
+                errs.append("metric_info['error'] must say how the run diverged")
+            return errs
         for key in ("N_samples", "N_ref"):
             v = info.get(key)
             if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):

@@ -33,7 +33,11 @@ REQUEUE_EXIT_CODE = 85  # exit status after a SIGTERM/SIGUSR1 checkpoint: "reque
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or Inf; no checkpoint was written after it."""
+    """A loss term became NaN or Inf at ``step``; no checkpoint was written after it."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class Preempted(SystemExit):
@@ -385,7 +389,8 @@ class Trainer:
         terms = sorted(k for k in first if k != "loss") or first
         raise NonFiniteLossError(
             f"step {step}: loss term(s) {terms} became non-finite (first non-finite step per "
-            f"term: {culprits}); the run stops without writing a checkpoint after it"
+            f"term: {culprits}); the run stops without writing a checkpoint after it",
+            step,
         )
 
     def _log(self, path: Path, sums: dict[str, Tensor], n: int, rate: float, bar: Any) -> None:
