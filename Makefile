@@ -53,7 +53,7 @@ gpu-check:
 	-timeout 150 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
 		tests/test_gpu.py tests/test_diversity.py 2>&1 | tee $(GPU_OUT)/tests.log
 	-timeout 120 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversity,diversedit \
-		--parts train,loss,inception --profile --out $(GPU_OUT)/xl_eager.json
+		--parts train,loss,optimizer,inception --profile --out $(GPU_OUT)/xl_eager.json
 	-timeout 320 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversity,diversedit \
 		--compile --parts train --profile --out $(GPU_OUT)/xl_compiled.json
 

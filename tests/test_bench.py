@@ -25,6 +25,7 @@ def test_bench_cli_writes_json(tmp_path):
     loss = report["diversity_loss"]
     assert [r["impl"] for r in loss] == ["fused", "autograd", "compiled"]
     assert all(r["fwd_bwd_ms"] > 0 and r["blocks"] == 12 for r in loss)
+    assert all(r["profile"]["top"] for r in loss)
     (update,) = report["optimizer"]
     assert update["params"] > 0 and update["tensors"] > 1
     assert all(v > 0 for k, v in update.items() if k.endswith("_ms")), update

@@ -180,7 +180,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     bench.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     bench.add_argument(
-        "--profile", action="store_true", help="record each training variant's top operators"
+        "--profile",
+        action="store_true",
+        help="record where each training variant and loss implementation spends its time",
     )
     bench.add_argument(
         "--interleave",

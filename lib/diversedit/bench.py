@@ -287,12 +287,13 @@ LOSS_IMPLS = ("fused", "autograd", "compiled")
 
 def bench_diversity_loss(
     size: str, impl: str, *, device: str = "cpu", batch: int = 32, dtype: str = "bf16",
-    steps: int = 10,
+    steps: int = 10, profile: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Forward + backward of the diversity loss alone on random block features of a model size.
 
     ``fused``: the eager default (hand-written backward); ``autograd``: the same statistics in
     plain ops (the compile input, run eagerly); ``compiled``: ``diversity_loss(compiled=True)``.
+    ``profile`` adds its top operators or kernels (:func:`profile_step`).
     Features alternate the model's stream dtypes: float32 before the long-skip fusion, ``dtype``
     after it, as under autocast.
     """
@@ -322,6 +323,7 @@ def bench_diversity_loss(
         "size": size, "impl": impl, "device": device, "batch": batch, "blocks": n,
         "tokens": cfg.num_patches, "hidden": d, "low_dtype": dtype, "fwd_bwd_ms": 1e3 * median,
         "feature_mib": sum(f.numel() * f.element_size() for f in feats) / 2**20,
+        "profile": profile_step(run, device, top=25) if profile else None,
     }  # fmt: skip
 
 
@@ -508,7 +510,7 @@ def run(
             save()
         for impl in LOSS_IMPLS if "loss" in parts else ():
             r = bench_diversity_loss(
-                size, impl, device=device, batch=batch, dtype=dtype, steps=steps
+                size, impl, device=device, batch=batch, dtype=dtype, steps=steps, profile=profile
             )
             report["diversity_loss"].append(r)
             print(f"{size:>5} diversity loss {impl:>9} {r['fwd_bwd_ms']:8.2f} ms", flush=True)
