@@ -1,7 +1,13 @@
-"""Shared test settings: tiny models run fastest on one intra-op thread on shared CPU cores."""
+"""Shared test settings: tiny models run fastest on one intra-op thread on shared CPU cores;
+without a GPU, Triton kernels run in Triton's CPU interpreter (set before Triton is imported)."""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -662,3 +663,92 @@ def test_eager_gram_matmuls_ignore_tf32(monkeypatch: pytest.MonkeyPatch) -> None
         assert torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# --------------------------------------------------------------------------- Triton statistics
+interpreted = pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="CPU check of the Triton kernels in Triton's interpreter (tests/test_gpu.py on CUDA)",
+)
+
+
+def small_tiles(monkeypatch) -> None:
+    """8×16 tiles, so that small test blocks still span several tiles with partial tails."""
+    import diversedit.losses.diversity_triton as kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_M", 8)
+    monkeypatch.setattr(kernels, "BLOCK_D", 16)
+
+
+TRITON_CONFIGS = [  # (the interpreter is slow: a few configurations that cover the options)
+    DiversityConfig(),
+    DiversityConfig(pairs="star", orth_form="abs", mi_form="mean_of_abs"),
+    DiversityConfig(
+        pairs="explicit", explicit_pairs=((3, 1), (7, 2), (0, 11), (3, 5)), max_pairs=3,
+        terms=("mi", "disp"), weights=(0.0, 0.7, 0.2),
+    ),
+]  # fmt: skip
+
+
+@interpreted
+@pytest.mark.parametrize("cfg", TRITON_CONFIGS)
+@pytest.mark.parametrize("bad", [(), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)])
+def test_triton_statistics_match_loop_reference(cfg, bad, monkeypatch) -> None:
+    """The Triton kernels (interpreted on CPU) against the release-style float64 loop: values,
+    pair counts, and gradients (zero on non-finite blocks)."""
+    small_tiles(monkeypatch)
+    feats = _feats(12, seed=len(bad), shape=(2, 5, 36))  # 10 rows, 36 channels: tails in both
+    for i, k in enumerate(bad):
+        feats[k][0, 1, i % 8] = (math.nan, math.inf, -math.inf)[i % 3]
+    leaves = [f.clone().requires_grad_(True) for f in feats]
+    out = diversity_loss(leaves, cfg, triton=True)
+    ref_leaves = [f.double().requires_grad_(True) for f in feats]
+    ref = ref_loss(ref_leaves, cfg)
+    for key in ("orth", "mi", "disp", "div", "pairs_used"):
+        _close(out[key], ref[key])
+    assert out["blocks_skipped"] == len(bad)
+    out["div"].backward()
+    ref_grads = torch.autograd.grad(ref["div"], ref_leaves, allow_unused=True)
+    for k, leaf in enumerate(leaves):
+        if ref_grads[k] is None or k in bad:
+            assert leaf.grad is None or not leaf.grad.any(), k
+        else:
+            _close(leaf.grad, ref_grads[k], tol=1e-4)
+
+
+@interpreted
+@pytest.mark.parametrize("policy", ["skip", "zero_loss"])
+def test_triton_statistics_mixed_dtypes_match_fused(policy, monkeypatch) -> None:
+    """float32, bfloat16 and float16 blocks in one call (the stream's dtypes under autocast):
+    each block's gradient comes back in its own dtype, equal to the eager path's."""
+    small_tiles(monkeypatch)
+    dtypes = [torch.float32] * 4 + [torch.bfloat16] * 4 + [torch.float16] * 4
+    base = _feats(12, seed=3, shape=(2, 5, 20))
+    feats = [f.to(dt) for f, dt in zip(base, dtypes, strict=True)]
+    feats[5][0, 0, 0] = math.nan
+    cfg = DiversityConfig(adaptive=False, nonfinite_policy=policy)
+    outs, grads = [], []
+    for triton in (False, True):
+        leaves = [f.clone().requires_grad_(True) for f in feats]
+        outs.append(diversity_loss(leaves, cfg, triton=triton))
+        outs[-1]["loss"].backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for key in ("orth", "mi", "disp", "div", "pairs_used", "blocks_skipped"):
+        _close(outs[1][key], outs[0][key])
+    for a, b, dt in zip(grads[1], grads[0], dtypes, strict=True):
+        assert a.dtype == dt
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-2)
+    assert not grads[1][5].any()
+
+
+def test_triton_statistics_refuse_unsupported_options() -> None:
+    feats = _feats(4)
+    with pytest.raises(ValueError, match="stats_dtype"):
+        diversity_loss(feats, DiversityConfig(stats_dtype="autocast"), triton=True)
+    with pytest.raises(ValueError, match="disp_form"):
+        diversity_loss(feats, DiversityConfig(disp_form="mean_activation_variance"), triton=True)
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("importing the kernels needs a GPU or Triton's interpreter")
+    with pytest.raises(ValueError, match="float64"):
+        diversity_loss([f.double() for f in feats], DiversityConfig(), triton=True)

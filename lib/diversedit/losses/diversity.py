@@ -231,6 +231,8 @@ class _Stats(NamedTuple):
     l1: Tensor  # (B, D) column L1 norms
     l2: Tensor  # (B, D) column L2 norms
     rows: Tensor  # (M, B, D) the masked features, when pair cosines are read from them instead
+    slot_cos: Tensor | None = None  # (cap,) c of the chosen pairs in slot order (Triton path)
+    slot_filled: Tensor | None = None  # (cap,) which slots hold a chosen pair
 
 
 class _Need(NamedTuple):
@@ -367,6 +369,39 @@ def _autograd_stats(
     return _Stats(valid, mu, empty, fmean, l1, l2, rows=x if need.cos else empty)
 
 
+def _triton_stats(
+    blocks: list[Tensor], eps: float, dtype: torch.dtype, need: _Need, mi_form: str, *,
+    plan: _Plan, cfg: DiversityConfig,
+) -> _Stats:  # fmt: skip
+    """The statistics from the Triton kernels (:mod:`.diversity_triton`): the blocks are read in
+    place, invalid blocks' statistics are zeroed here (so their gradient is zero)."""
+    from .diversity_triton import TritonStats
+
+    def choose(valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if not need.cos:
+            empty = plan.cand_a[:0]
+            return empty, empty, empty.bool()
+        slot, filled = _chosen_slots(_chosen(valid, plan, cfg), plan.cap)
+        return plan.cand_a[slot], plan.cand_b[slot], filled
+
+    valid, mu, l1, l2, c, filled, a, b = TritonStats.apply(
+        choose, eps, mi_form == "mean_of_abs", *blocks
+    )
+    keep = valid[:, None]
+    mu, l1, l2 = (torch.where(keep, t, 0.0) for t in (mu, l1, l2))
+    c = torch.where(valid[a] & valid[b], c, 0.0)
+    empty = mu.new_zeros(0)
+    return _Stats(valid, mu, empty, empty, l1, l2, empty, slot_cos=c, slot_filled=filled)
+
+
+def check_triton_supported(cfg: DiversityConfig) -> None:
+    """ValueError for options the Triton statistics do not implement."""
+    if cfg.stats_dtype != "fp32":
+        raise ValueError("the Triton diversity statistics are float32: stats_dtype='fp32'")
+    if "disp" in cfg.terms and cfg.disp_form != "release_l1l2_usage":
+        raise ValueError("the Triton diversity statistics implement disp_form='release_l1l2_usage'")
+
+
 def _chosen_slots(chosen: Tensor, cap: int) -> tuple[Tensor, Tensor]:
     """Candidate positions of the chosen pairs in order, padded to ``cap`` slots, and which
     slots are filled: a scatter by rank with unique destinations (no sync, deterministic)."""
@@ -388,14 +423,19 @@ def _pair_row_cos(rows: Tensor, a: Tensor, b: Tensor, eps: float, mi_form: str) 
     return (cos.abs() if mi_form == "mean_of_abs" else cos).mean(dim=0)
 
 
+def _chosen(valid: Tensor, plan: _Plan, cfg: DiversityConfig) -> Tensor:
+    """Which candidates make up P: the first ``cap`` valid ones (``skip``, the release), or all
+    (the other policies, whose candidate list is already cut to ``cap``)."""
+    pair_ok = valid[plan.cand_a] & valid[plan.cand_b]
+    if cfg.nonfinite_policy == "skip":
+        return pair_ok & (torch.cumsum(pair_ok, 0) <= plan.cap)
+    return torch.ones_like(pair_ok)  # invalid blocks are zeroed, so their terms are finite
+
+
 def _pair_terms(stats: _Stats, plan: _Plan, cfg: DiversityConfig) -> tuple[Tensor, Tensor, Tensor]:
     """L_orth, L_MI and the number of pairs used, read off the block statistics."""
-    ca, cb, valid = plan.cand_a, plan.cand_b, stats.valid
-    pair_ok = valid[ca] & valid[cb]
-    if cfg.nonfinite_policy == "skip":  # the release takes the first ``cap`` valid candidates
-        chosen = pair_ok & (torch.cumsum(pair_ok, 0) <= plan.cap)
-    else:  # fixed P; invalid blocks are zeroed, so their terms are finite
-        chosen = torch.ones_like(pair_ok)
+    ca, cb = plan.cand_a, plan.cand_b
+    chosen = _chosen(stats.valid, plan, cfg)
     weight = chosen.to(stats.mu.dtype)  # every statistic has the statistics dtype
     used = weight.sum()
     denom = used.clamp_min(1.0)
@@ -406,7 +446,9 @@ def _pair_terms(stats: _Stats, plan: _Plan, cfg: DiversityConfig) -> tuple[Tenso
         cos = {"signed": cos, "abs": cos.abs(), "squared": cos.square()}[cfg.orth_form]
         orth = (cos * weight).sum() / denom
     if "mi" in cfg.terms:
-        if stats.rows.numel():  # only the chosen pairs, from the rows
+        if stats.slot_cos is not None:  # the chosen pairs' c, computed with the statistics
+            c, w = stats.slot_cos, stats.slot_filled.to(weight.dtype)
+        elif stats.rows.numel():  # only the chosen pairs, from the rows
             slot, filled = _chosen_slots(chosen, plan.cap)
             c = _pair_row_cos(stats.rows, ca[slot], cb[slot], cfg.eps, cfg.mi_form)
             w = filled.to(weight.dtype)
@@ -437,7 +479,11 @@ def _disp_term(stats: _Stats, cfg: DiversityConfig, rows: int) -> Tensor:
 
 
 def diversity_loss(
-    features: Sequence[Tensor], cfg: DiversityConfig, *, compiled: bool = False
+    features: Sequence[Tensor],
+    cfg: DiversityConfig,
+    *,
+    compiled: bool = False,
+    triton: bool = False,
 ) -> dict[str, Tensor]:
     """Diversity loss of block features ``features[k]`` (each (N, T, D) or any (..., D) shape).
 
@@ -449,6 +495,8 @@ def diversity_loss(
 
     ``compiled=True`` runs the same mathematics through ``torch.compile`` (plain differentiable
     statistics that Inductor fuses; the ``raise`` policy stays eager). Compiled once per shape.
+    ``triton=True`` computes the statistics with the Triton kernels of :mod:`.diversity_triton`
+    (experimental: not yet timed on a GPU; float32 statistics, release dispersion form).
     """
     if not features:
         raise ValueError("diversity_loss needs at least one block feature")
@@ -456,6 +504,12 @@ def diversity_loss(
     if len(shape) < 2 or any(f.shape != shape for f in features):
         raise ValueError(f"block features must share one (..., D) shape, got {shape} and others")
     plan = _plan(len(features), cfg, features[0].device)
+    if triton:
+        from .diversity_triton import check_supported
+
+        check_triton_supported(cfg)
+        check_supported(list(features))
+        return _terms(tuple(features), plan, cfg, partial(_triton_stats, plan=plan, cfg=cfg))
     if compiled and cfg.nonfinite_policy != "raise":
         return _compiled_terms()(tuple(features), plan, cfg)
     return _terms(tuple(features), plan, cfg, _fused_stats)

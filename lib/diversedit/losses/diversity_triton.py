@@ -1,0 +1,241 @@
+"""Triton kernels for the diversity-loss statistics: no stack, no scatter (experimental).
+
+The compiled path (:func:`~diversedit.losses.diversity._autograd_stats`) stacks the L block
+features so that the chosen pairs, which depend on device-side validity flags, can be gathered
+without a host sync; on an H200 at SiT-XL/2 that stacking and the scatter of the pairs'
+gradient cost more than half of the loss's time. Here the blocks are read in place through a
+table of their addresses: one pass per block for the column sums (Σx, Σ|x|, Σx², non-finite
+count), one pass over the chosen slots' two blocks for the row cosines, and one backward pass
+per block that writes its whole gradient (column terms plus the pair terms of every slot that
+names the block) in the block's own dtype.
+
+Same mathematics as the other paths (tested against them, in Triton's interpreter on CPU); not
+yet timed on a GPU, so nothing selects it by default: ``diversity_loss(..., triton=True)``.
+Kernels are built when this module is imported: with ``TRITON_INTERPRET=1`` set before, they
+run in Triton's CPU interpreter (how the CPU tests check them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_M, BLOCK_D = 32, 128
+
+
+@triton.jit
+def load_block(table, kind, blk, offs, mask):
+    """Tile of block ``blk`` as float32, read in the block's dtype (``kind``: 0 float32,
+    1 bfloat16, 2 float16); masked loads, so only that dtype's load touches memory."""
+    code = tl.load(kind + blk)
+    addr = tl.load(table + blk)
+    # other=0: lanes outside ``mask`` read as 0 (the sums rely on it)
+    a = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask & (code == 0), 0.0)
+    b = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask & (code == 1), 0.0)
+    c = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask & (code == 2), 0.0)
+    return tl.where(code == 0, a, tl.where(code == 1, b.to(tl.float32), c.to(tl.float32)))
+
+
+@triton.jit
+def store_block(table, kind, blk, offs, mask, value):
+    code = tl.load(kind + blk)
+    addr = tl.load(table + blk)
+    tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, value, mask=mask & (code == 0))
+    tl.store(
+        addr.to(tl.pointer_type(tl.bfloat16)) + offs, value.to(tl.bfloat16),
+        mask=mask & (code == 1),
+    )  # fmt: skip
+    tl.store(
+        addr.to(tl.pointer_type(tl.float16)) + offs, value.to(tl.float16),
+        mask=mask & (code == 2),
+    )  # fmt: skip
+
+
+@triton.jit
+def finite(x):
+    return (x == x) & (tl.abs(x) < float("inf"))
+
+
+@triton.jit
+def column_sums(table, kind, s1, sabs, ssq, nbad, M, D, BM: tl.constexpr, BD: tl.constexpr):
+    blk, pd = tl.program_id(0), tl.program_id(1)
+    cols = pd * BD + tl.arange(0, BD)
+    acc1 = tl.zeros([BD], tl.float32)
+    acca = tl.zeros([BD], tl.float32)
+    acc2 = tl.zeros([BD], tl.float32)
+    accn = tl.zeros([BD], tl.float32)
+    for r0 in range(0, M, BM):
+        rows = r0 + tl.arange(0, BM)
+        mask = (rows[:, None] < M) & (cols[None, :] < D)
+        x = load_block(table, kind, blk, rows[:, None] * D + cols[None, :], mask)
+        ok = finite(x)
+        xm = tl.where(ok, x, 0.0)
+        acc1 += tl.sum(xm, axis=0)
+        acca += tl.sum(tl.abs(xm), axis=0)
+        acc2 += tl.sum(xm * xm, axis=0)
+        accn += tl.sum(tl.where(mask & (ok == 0), 1.0, 0.0), axis=0)
+    out = blk * D + cols
+    cmask = cols < D
+    tl.store(s1 + out, acc1, mask=cmask)
+    tl.store(sabs + out, acca, mask=cmask)
+    tl.store(ssq + out, acc2, mask=cmask)
+    tl.store(nbad + out, accn, mask=cmask)
+
+
+@triton.jit
+def pair_rows(
+    table, kind, a_slot, b_slot, cos, na, nb, M, D, eps,
+    BM: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    s, pm = tl.program_id(0), tl.program_id(1)
+    a, b = tl.load(a_slot + s), tl.load(b_slot + s)
+    rows = pm * BM + tl.arange(0, BM)
+    dot = tl.zeros([BM], tl.float32)
+    qa = tl.zeros([BM], tl.float32)
+    qb = tl.zeros([BM], tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        mask = (rows[:, None] < M) & (cols[None, :] < D)
+        offs = rows[:, None] * D + cols[None, :]
+        xa = load_block(table, kind, a, offs, mask)
+        xb = load_block(table, kind, b, offs, mask)
+        xa = tl.where(finite(xa), xa, 0.0)
+        xb = tl.where(finite(xb), xb, 0.0)
+        dot += tl.sum(xa * xb, axis=1)
+        qa += tl.sum(xa * xa, axis=1)
+        qb += tl.sum(xb * xb, axis=1)
+    ra, rb = tl.sqrt(qa), tl.sqrt(qb)
+    c = dot / (tl.maximum(ra, eps) * tl.maximum(rb, eps))
+    rmask = rows < M
+    tl.store(cos + s * M + rows, c, mask=rmask)
+    tl.store(na + s * M + rows, ra, mask=rmask)
+    tl.store(nb + s * M + rows, rb, mask=rmask)
+
+
+@triton.jit
+def block_grads(
+    table, kind, grad_table, g_mu, g_l1, g_l2n, a_slot, b_slot, gr, cos, na, nb,
+    M, D, eps, S: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    blk, pm, pd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pm * BM + tl.arange(0, BM)
+    cols = pd * BD + tl.arange(0, BD)
+    rmask, cmask = rows < M, cols < D
+    mask = rmask[:, None] & cmask[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    x = load_block(table, kind, blk, offs, mask)
+    ok = finite(x)
+    xm = tl.where(ok, x, 0.0)
+    cidx = blk * D + cols
+    sign = tl.where(xm > 0, 1.0, tl.where(xm < 0, -1.0, 0.0))
+    grad = (
+        tl.load(g_mu + cidx, mask=cmask, other=0.0)[None, :] / M
+        + sign * tl.load(g_l1 + cidx, mask=cmask, other=0.0)[None, :]
+        + xm * tl.load(g_l2n + cidx, mask=cmask, other=0.0)[None, :]
+    )
+    for s in tl.static_range(S):  # pair terms of the slots that name this block
+        a, b = tl.load(a_slot + s), tl.load(b_slot + s)
+        is_a, is_b = a == blk, b == blk
+        hit = is_a | is_b
+        partner = tl.where(is_a, b, a)
+        rm = rmask & hit
+        other = load_block(table, kind, partner, offs, mask & hit)
+        other = tl.where(finite(other), other, 0.0)
+        g = tl.load(gr + s * M + rows, mask=rm, other=0.0)
+        c = tl.load(cos + s * M + rows, mask=rm, other=0.0)
+        ra = tl.load(na + s * M + rows, mask=rm, other=1.0)
+        rb = tl.load(nb + s * M + rows, mask=rm, other=1.0)
+        own = tl.where(is_a, ra, rb)
+        n_own, n_pair = tl.maximum(own, eps), tl.maximum(tl.where(is_a, rb, ra), eps)
+        radial = tl.where(own >= eps, c / (n_own * n_own), 0.0)  # clamped: constant norm
+        term = other / (n_own * n_pair)[:, None] - radial[:, None] * xm
+        grad += tl.where(hit, g[:, None] * term, 0.0)
+    store_block(grad_table, kind, blk, offs, mask, tl.where(ok, grad, 0.0))
+
+
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _table(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+    """The tensors' addresses and dtype codes on the device, copied without a host sync
+    (pinned memory, non-blocking)."""
+    rows = [[t.data_ptr() for t in tensors], [KINDS[t.dtype] for t in tensors]]
+    host = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
+    dev = host.to(device, non_blocking=True)
+    return dev[0], dev[1]
+
+
+def check_supported(blocks: list[Tensor]) -> None:
+    bad = sorted({str(b.dtype) for b in blocks if b.dtype not in KINDS})
+    if bad:
+        raise ValueError(f"the Triton diversity statistics take float32/16-bit blocks, got {bad}")
+
+
+class TritonStats(torch.autograd.Function):
+    """Column sums of every block and row cosines of the chosen slots' block pairs.
+
+    Forward returns raw statistics over the blocks' finite values (``valid`` says which blocks
+    had none non-finite; the caller zeroes invalid blocks' statistics with ``torch.where``, whose
+    zero gradients then reach this backward): valid (B,), mu (B, D), l1 (B, D), l2 (B, D), the
+    per-slot mean row cosine c (S,) of the slot pairs ``(a_slot, b_slot)`` chosen by
+    ``choose(valid)`` (which returns those and the filled mask), filled (S,), a_slot, b_slot.
+    """
+
+    @staticmethod
+    def forward(ctx, choose, eps: float, mean_of_abs: bool, *blocks: Tensor):
+        blocks = tuple(b.contiguous() for b in blocks)
+        first = blocks[0]
+        device, d = first.device, first.shape[-1]
+        m = first.numel() // d
+        n = len(blocks)
+        table, kind = _table(blocks, device)
+        f32 = dict(dtype=torch.float32, device=device)
+        s1, sabs, ssq, nbad = (torch.empty(n, d, **f32) for _ in range(4))
+        grid = (n, -(-d // BLOCK_D))
+        column_sums[grid](table, kind, s1, sabs, ssq, nbad, m, d, BM=BLOCK_M, BD=BLOCK_D)
+        valid = nbad.sum(dim=1) == 0
+        a_slot, b_slot, filled = choose(valid)
+        slots = a_slot.shape[0]
+        cos, na, nb = (torch.empty(slots, m, **f32) for _ in range(3))
+        if slots:
+            grid = (slots, -(-m // BLOCK_M))
+            pair_rows[grid](
+                table, kind, a_slot, b_slot, cos, na, nb, m, d, eps, BM=BLOCK_M, BD=BLOCK_D
+            )
+        c = (cos.abs() if mean_of_abs else cos).mean(dim=1)
+        l2 = ssq.sqrt()
+        ctx.save_for_backward(*blocks, a_slot, b_slot, cos, na, nb, l2)
+        ctx.eps, ctx.mean_of_abs, ctx.n = eps, mean_of_abs, n
+        ctx.mark_non_differentiable(valid, filled, a_slot, b_slot)
+        return valid, s1 / m, sabs, l2, c, filled, a_slot, b_slot
+
+    @staticmethod
+    def backward(ctx, _v, g_mu, g_l1, g_l2, g_c, _f, _a, _b):
+        *blocks, a_slot, b_slot, cos, na, nb, l2 = ctx.saved_tensors
+        first = blocks[0]
+        device, d = first.device, first.shape[-1]
+        m = first.numel() // d
+        zeros = torch.zeros_like(l2)
+        g_mu = zeros if g_mu is None else g_mu.float().contiguous()
+        g_l1 = zeros if g_l1 is None else g_l1.float().contiguous()
+        g_l2n = zeros if g_l2 is None else torch.where(l2 > 0, g_l2 / l2, 0.0).contiguous()
+        slots = a_slot.shape[0]
+        if g_c is None:
+            g_c = torch.zeros(slots, dtype=torch.float32, device=device)
+        gr = g_c[:, None] / m
+        if ctx.mean_of_abs:
+            gr = gr * cos.sign()
+        gr = gr.expand(slots, m).contiguous()
+        grads = [torch.empty_like(b) for b in blocks]
+        table, kind = _table(blocks, device)
+        grad_table, _ = _table(grads, device)
+        grid = (ctx.n, -(-m // BLOCK_M), -(-d // BLOCK_D))
+        block_grads[grid](
+            table, kind, grad_table, g_mu, g_l1, g_l2n, a_slot, b_slot, gr, cos, na, nb,
+            m, d, ctx.eps, S=slots, BM=BLOCK_M, BD=BLOCK_D,
+        )  # fmt: skip
+        return (None, None, None, *grads)
