@@ -282,7 +282,7 @@ def bench_train_steps_interleaved(
     return results
 
 
-LOSS_IMPLS = ("fused", "autograd", "compiled")
+LOSS_IMPLS = ("fused", "autograd", "compiled", "triton")  # triton: CUDA only
 
 
 def bench_diversity_loss(
@@ -292,7 +292,8 @@ def bench_diversity_loss(
     """Forward + backward of the diversity loss alone on random block features of a model size.
 
     ``fused``: the eager default (hand-written backward); ``autograd``: the same statistics in
-    plain ops (the compile input, run eagerly); ``compiled``: ``diversity_loss(compiled=True)``.
+    plain ops (the compile input, run eagerly); ``compiled``: ``diversity_loss(compiled=True)``;
+    ``triton``: ``diversity_loss(triton=True)`` (the experimental kernels, CUDA).
     ``profile`` adds its top operators or kernels (:func:`profile_step`).
     Features alternate the model's stream dtypes: float32 before the long-skip fusion, ``dtype``
     after it, as under autocast.
@@ -315,7 +316,7 @@ def bench_diversity_loss(
         if impl == "autograd":
             out = div._terms(tuple(feats), plan, dcfg, div._autograd_stats)
         else:
-            out = diversity_loss(feats, dcfg, compiled=impl == "compiled")
+            out = diversity_loss(feats, dcfg, compiled=impl == "compiled", triton=impl == "triton")
         torch.autograd.grad(out["loss"], feats)
 
     median = statistics.median(_time(run, device, 3, steps))
@@ -508,7 +509,8 @@ def run(
                 flush=True,
             )
             save()
-        for impl in LOSS_IMPLS if "loss" in parts else ():
+        impls = [i for i in LOSS_IMPLS if i != "triton" or device.startswith("cuda")]
+        for impl in impls if "loss" in parts else ():
             r = bench_diversity_loss(
                 size, impl, device=device, batch=batch, dtype=dtype, steps=steps, profile=profile
             )

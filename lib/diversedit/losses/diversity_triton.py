@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_M, BLOCK_D = 32, 128
+BLOCK_M, BLOCK_D = 32, 128  # tile: rows × channels
+ROWS = 256  # rows per program of the column sums (split so every SM has work)
 
 
 @triton.jit
@@ -61,16 +62,20 @@ def finite(x):
 
 
 @triton.jit
-def column_sums(table, kind, s1, sabs, ssq, nbad, M, D, BM: tl.constexpr, BD: tl.constexpr):
-    blk, pd = tl.program_id(0), tl.program_id(1)
+def column_sums(
+    table, kind, s1, sabs, ssq, nbad, M, D, R, BM: tl.constexpr, BD: tl.constexpr
+):  # fmt: skip
+    """Partial column sums of rows [split·R, split·R + R) of a block, into (B, splits, D)."""
+    blk, pd, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pd * BD + tl.arange(0, BD)
     acc1 = tl.zeros([BD], tl.float32)
     acca = tl.zeros([BD], tl.float32)
     acc2 = tl.zeros([BD], tl.float32)
     accn = tl.zeros([BD], tl.float32)
-    for r0 in range(0, M, BM):
+    end = tl.minimum(split * R + R, M)
+    for r0 in range(split * R, end, BM):
         rows = r0 + tl.arange(0, BM)
-        mask = (rows[:, None] < M) & (cols[None, :] < D)
+        mask = (rows[:, None] < end) & (cols[None, :] < D)
         x = load_block(table, kind, blk, rows[:, None] * D + cols[None, :], mask)
         ok = finite(x)
         xm = tl.where(ok, x, 0.0)
@@ -78,7 +83,7 @@ def column_sums(table, kind, s1, sabs, ssq, nbad, M, D, BM: tl.constexpr, BD: tl
         acca += tl.sum(tl.abs(xm), axis=0)
         acc2 += tl.sum(xm * xm, axis=0)
         accn += tl.sum(tl.where(mask & (ok == 0), 1.0, 0.0), axis=0)
-    out = blk * D + cols
+    out = (blk * tl.num_programs(2) + split) * D + cols
     cmask = cols < D
     tl.store(s1 + out, acc1, mask=cmask)
     tl.store(sabs + out, acca, mask=cmask)
@@ -169,7 +174,7 @@ def _table(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Ten
     return dev[0], dev[1]
 
 
-def check_supported(blocks: list[Tensor]) -> None:
+def check_dtypes(blocks: Sequence[Tensor]) -> None:
     bad = sorted({str(b.dtype) for b in blocks if b.dtype not in KINDS})
     if bad:
         raise ValueError(f"the Triton diversity statistics take float32/16-bit blocks, got {bad}")
@@ -194,9 +199,11 @@ class TritonStats(torch.autograd.Function):
         n = len(blocks)
         table, kind = _table(blocks, device)
         f32 = dict(dtype=torch.float32, device=device)
-        s1, sabs, ssq, nbad = (torch.empty(n, d, **f32) for _ in range(4))
-        grid = (n, -(-d // BLOCK_D))
-        column_sums[grid](table, kind, s1, sabs, ssq, nbad, m, d, BM=BLOCK_M, BD=BLOCK_D)
+        splits = -(-m // ROWS)
+        parts = [torch.empty(n, splits, d, **f32) for _ in range(4)]
+        grid = (n, -(-d // BLOCK_D), splits)
+        column_sums[grid](table, kind, *parts, m, d, ROWS, BM=BLOCK_M, BD=BLOCK_D)
+        s1, sabs, ssq, nbad = (p.sum(dim=1) for p in parts)
         valid = nbad.sum(dim=1) == 0
         a_slot, b_slot, filled = choose(valid)
         slots = a_slot.shape[0]
