@@ -505,9 +505,9 @@ def diversity_loss(
         raise ValueError(f"block features must share one (..., D) shape, got {shape} and others")
     plan = _plan(len(features), cfg, features[0].device)
     if triton:
+        check_triton_supported(cfg)
         from .diversity_triton import check_dtypes
 
-        check_triton_supported(cfg)
         check_dtypes(features)
         return _terms(tuple(features), plan, cfg, partial(_triton_stats, plan=plan, cfg=cfg))
     if compiled and cfg.nonfinite_policy != "raise":
