@@ -17,6 +17,8 @@ def test_bench_cli_writes_json(tmp_path):
     assert [r["variant"] for r in rows] == ["sit", "diversedit"]
     assert all(r["images_per_s"] > 0 and r["batch"] == 2 for r in rows)
     assert rows[0]["overhead_vs_sit"] == 0 and "torch" in report["machine"]
+    code = report["machine"]  # the code that was measured: a checkout's commit and dirty flag
+    assert len(code["git_commit"]) == 40 and isinstance(code["dirty"], bool)
     assert all(r["timing"] == "interleaved" for r in rows)  # the CPU default
     for r in rows:  # the profile names the matmuls that dominate a step on the CPU
         top = r["profile"]["top"]

@@ -59,6 +59,8 @@ def test_digits_loss_falls(tmp_path):
     assert logs[-1]["loss"] < 0.7 * logs[0]["loss"]
     assert {"denoise", "grad_norm", "images_per_s"} <= set(logs[0])
     assert (run / "config.json").exists() and (run / "provenance.jsonl").exists()
+    prov = json.loads((run / "provenance.jsonl").read_text().splitlines()[0])
+    assert len(prov["git_commit"]) == 40 and isinstance(prov["dirty"], bool)
     assert list(run.rglob("events.out.tfevents.*"))  # TensorBoard
     snapshots = sorted((run / "cka").glob("*.npy"))
     assert [p.name for p in snapshots] == ["step_00000030.npy", "step_00000060.npy"]

@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import COMPILE_MODES, COMPILE_SCOPES
+from .files import git_revision
 from .losses.diversity import DiversityConfig, diversity_loss
 from .losses.objective import ObjectiveConfig, compute_loss
 from .losses.repa import RepaConfig
@@ -424,7 +425,8 @@ def bench_sampler(
 
 
 def machine() -> dict[str, Any]:
-    info = {
+    """Hardware and versions, and the code's git revision (commit, uncommitted changes)."""
+    info = git_revision() | {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),

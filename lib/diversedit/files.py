@@ -1,4 +1,5 @@
-"""Small file-system helpers shared by every stage: atomic writes, temporary environments."""
+"""Small helpers shared by every stage: atomic writes, temporary environments, the code's git
+revision."""
 
 from __future__ import annotations
 
@@ -47,3 +48,23 @@ def environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def git_revision() -> dict[str, object]:
+    """The package's git commit and whether the working tree differs from it (``None`` outside
+    a git checkout), recorded with every run and benchmark."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], capture_output=True, text=True, check=False,
+                cwd=Path(__file__).resolve().parent,
+            )  # fmt: skip
+        except OSError:
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "dirty": bool(status) if status is not None else None}

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .checkpoint import load_latest, prune, save_checkpoint
 from .cka import block_similarity
 from .data.sampler import BatchOrder
+from .files import git_revision
 from .losses.objective import compute_loss
 from .models import SiT
 
@@ -98,7 +99,6 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def _provenance(accelerator: Any) -> dict[str, Any]:
     import platform
-    import subprocess
     from importlib import metadata
 
     def version(name: str) -> str | None:
@@ -107,15 +107,7 @@ def _provenance(accelerator: Any) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return None
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip() or None  # fmt: skip
-    except OSError:
-        commit = None
-    return {
-        "git_commit": commit,
+    return git_revision() | {
         "python": platform.python_version(),
         "packages": {n: version(n) for n in ("torch", "timm", "accelerate", "diversedit-repro")},
         "hardware": {
