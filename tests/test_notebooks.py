@@ -175,7 +175,7 @@ FAKE_NOTEBOOK = """\
 table: str = "t98"  # table id
 row: str = "good"  # row slug
 tier: str = "smoke"  # tier
-mode: str = "ok"  # ok | raise | exit | die
+mode: str = "ok"  # ok | raise | exit | die | diverge
 results_dir: str = "results"  # results root
 
 # %%
@@ -192,7 +192,8 @@ if mode == "die":
     os._exit(1)  # the kernel dies
 out = pathlib.Path(results_dir, table, tier, row)
 out.mkdir(parents=True, exist_ok=True)
-(out / "metrics.json").write_text(json.dumps({"FD_digits": 1.0, "cwd": os.getcwd()}))
+result = {"status": "diverged"} if mode == "diverge" else {"FD_digits": 1.0}
+(out / "metrics.json").write_text(json.dumps(result | {"cwd": os.getcwd()}))
 """
 
 
@@ -248,6 +249,16 @@ def test_runner_isolates_failures_and_skips_done_rows(fake_root, tmp_path, capsy
     args["rows"] = ["bad"]
     assert reproduce(["t98"], "smoke", force=True, **args) == 1
     assert not stale.exists() and _statuses(results)["bad"]["status"] == "failed"
+
+
+def test_runner_reports_diverged_rows_as_results(fake_root, tmp_path, capsys):
+    """A row whose run diverged wrote its result: 'diverged' in the summary, not a failure."""
+    values = {"table": "t98", "row": "nan", "tier": "smoke", "mode": "diverge"}
+    _write(fake_root / "params" / "t98_fake" / "smoke" / "nan.yaml", yaml.safe_dump(values))
+    args = dict(results_dir=tmp_path, root=fake_root, kernel="python3", rows=["nan"])
+    assert reproduce(["t98"], "smoke", **args) == 0
+    assert _statuses(tmp_path)["nan"]["status"] == "diverged"
+    assert "diverged" in capsys.readouterr().out
 
 
 def test_runner_rejects_unknown_tables_and_rows(fake_root, tmp_path, capsys):

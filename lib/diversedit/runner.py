@@ -62,7 +62,7 @@ class Outcome:
     table: str
     row: str
     tier: str
-    status: str  # done | skipped | failed
+    status: str  # done | diverged (a result too: the run stopped on a NaN) | skipped | failed
     seconds: float
     error: str | None
     out_dir: str
@@ -242,17 +242,26 @@ def run_one(
         error = _describe(err)
     if error is None and not metrics.is_file():
         error = f"the notebook finished without writing {metrics}"
-    status = "failed" if error else "done"
+    status = "failed" if error else _result_status(metrics)
     seconds = round(time.perf_counter() - start, 1)
     return Outcome(row.table, row.row, row.tier, status, seconds, error, str(out))
 
 
+def _result_status(metrics: Path) -> str:
+    """``diverged`` when the row's results file says so, else ``done``."""
+    try:
+        status = json.loads(metrics.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return "done"
+    return "diverged" if status == "diverged" else "done"
+
+
 def _summary(outcomes: Sequence[Outcome]) -> str:
     width = max([len("table/row"), *(len(f"{o.table}/{o.row}") for o in outcomes)])
-    lines = [f"{'table/row':<{width}}  {'status':<7}  {'seconds':>7}  error"]
+    lines = [f"{'table/row':<{width}}  {'status':<8}  {'seconds':>7}  error"]
     for o in outcomes:
         err = (o.error or "")[:120]
-        lines.append(f"{o.table + '/' + o.row:<{width}}  {o.status:<7}  {o.seconds:>7.1f}  {err}")
+        lines.append(f"{o.table + '/' + o.row:<{width}}  {o.status:<8}  {o.seconds:>7.1f}  {err}")
     done = sum(o.status != "failed" for o in outcomes)
     lines.append(f"{done}/{len(outcomes)} rows done ({sum(o.seconds for o in outcomes):.0f} s)")
     return "\n".join(lines)
