@@ -183,11 +183,11 @@ def check_dtypes(blocks: Sequence[Tensor]) -> None:
 class TritonStats(torch.autograd.Function):
     """Column sums of every block and row cosines of the chosen slots' block pairs.
 
-    Forward returns raw statistics over the blocks' finite values (``valid`` says which blocks
-    had none non-finite; the caller zeroes invalid blocks' statistics with ``torch.where``, whose
-    zero gradients then reach this backward): valid (B,), mu (B, D), l1 (B, D), l2 (B, D), the
-    per-slot mean row cosine c (S,) of the slot pairs ``(a_slot, b_slot)`` chosen by
-    ``choose(valid)`` (which returns those and the filled mask), filled (S,), a_slot, b_slot.
+    Forward returns raw statistics over the blocks' finite values — valid (B,: no non-finite
+    value in the block), mu (B, D), l1 (B, D), l2 (B, D), the mean row cosine c (S,) of each
+    slot's pair ``(a_slot, b_slot)`` as ``choose(valid)`` picks them (with the filled mask),
+    filled (S,), a_slot, b_slot. The caller zeroes invalid blocks' statistics with
+    ``torch.where``, whose zero gradients then reach this backward.
     """
 
     @staticmethod
