@@ -55,66 +55,51 @@ def test_compiled_model_matches_eager(scope):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
 
 
-def test_compiled_diversity_loss_matches_eager_on_cuda():
-    """The Inductor-fused statistics (the CUDA default) against the eager fused Function."""
+def _check_loss_path_against_eager(path: str, width: int, cfg: DiversityConfig, no_sync: bool):
+    """``diversity_loss(..., **{path: True})`` against the eager fused Function on fp32 and bf16
+    blocks with a NaN and an inf block: values, gradients (zero on those blocks); with
+    ``no_sync``, the second call must not synchronise with the host."""
     from diversedit.losses.diversity import diversity_loss
 
     torch.manual_seed(0)
     feats = [
-        torch.randn(4, 64, 96, device="cuda", dtype=torch.float32 if k < 6 else torch.bfloat16)
+        torch.randn(4, 64, width, device="cuda", dtype=torch.float32 if k < 6 else torch.bfloat16)
         for k in range(12)
     ]
     feats[3][1, 2, 3] = float("nan")
     feats[8][0, 0, 0] = float("inf")
-    cfg = DiversityConfig(pair_encoder_depth=4)
     runs = []
-    for compiled in (False, True):
+    for on in (False, True):
         leaves = [f.clone().requires_grad_(True) for f in feats]
-        out = diversity_loss(leaves, cfg, compiled=compiled)
-        out["loss"].backward()
+        if no_sync:
+            diversity_loss(leaves, cfg, **{path: on})  # warm-up (kernel compilation)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if on else "default")
+        try:
+            out = diversity_loss(leaves, cfg, **{path: on})
+            out["loss"].backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         runs.append((out, [leaf.grad for leaf in leaves]))
-    (eager, g_eager), (comp, g_comp) = runs
+    (eager, g_eager), (got, g_got) = runs
     assert eager["blocks_skipped"] == 2 and eager["pairs_used"] == 10
     for key in eager:
-        torch.testing.assert_close(comp[key], eager[key], atol=1e-5, rtol=1e-4)
-    for a, b in zip(g_comp, g_eager, strict=True):
+        torch.testing.assert_close(got[key], eager[key], atol=1e-5, rtol=1e-4)
+    for a, b in zip(g_got, g_eager, strict=True):
         torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=2e-2)
-    assert not g_comp[3].any() and not g_comp[8].any()
+    assert not g_got[3].any() and not g_got[8].any()
+
+
+def test_compiled_diversity_loss_matches_eager_on_cuda():
+    """The Inductor-fused statistics (the CUDA default) against the eager fused Function."""
+    _check_loss_path_against_eager("compiled", 96, DiversityConfig(pair_encoder_depth=4), False)
 
 
 def test_triton_diversity_statistics_match_eager_on_cuda():
     """The experimental Triton kernels on the GPU: same values and gradients as the eager path
     (fp32 and bf16 blocks, NaN/inf blocks), and no host synchronisation."""
-    from diversedit.losses.diversity import diversity_loss
-
-    torch.manual_seed(0)
-    feats = [
-        torch.randn(4, 64, 200, device="cuda", dtype=torch.float32 if k < 6 else torch.bfloat16)
-        for k in range(12)
-    ]
-    feats[3][1, 2, 3] = float("nan")
-    feats[8][0, 0, 0] = float("inf")
     cfg = DiversityConfig(pair_encoder_depth=4, adaptive=False)
-    runs = []
-    for triton in (False, True):
-        leaves = [f.clone().requires_grad_(True) for f in feats]
-        out = diversity_loss(leaves, cfg, triton=triton)  # warm-up (kernel compilation)
-        torch.cuda.synchronize()
-        if triton:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            out = diversity_loss(leaves, cfg, triton=triton)
-            out["loss"].backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        runs.append((out, [leaf.grad for leaf in leaves]))
-    (eager, g_eager), (tri, g_tri) = runs
-    assert eager["blocks_skipped"] == 2 and eager["pairs_used"] == 10
-    for key in eager:
-        torch.testing.assert_close(tri[key], eager[key], atol=1e-5, rtol=1e-4)
-    for a, b in zip(g_tri, g_eager, strict=True):
-        torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=2e-2)
-    assert not g_tri[3].any() and not g_tri[8].any()
+    _check_loss_path_against_eager("triton", 200, cfg, True)
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -50,6 +50,18 @@ BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 PARTS = ("train", "loss", "optimizer", "sampler", "inception")
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """How a training step is run: device, per-device batch, autocast dtype, compilation."""
+
+    device: str = "cpu"
+    batch: int = 32
+    dtype: str = "bf16"
+    compile_model: bool = False
+    compile_mode: str = "default"
+    compile_scope: str = "model"
+
+
 @dataclass
 class StepResult:
     size: str
@@ -151,22 +163,15 @@ def _peak_flops(device: str) -> float | None:
 
 
 def prepare_train_step(
-    size: str,
-    variant: str,
-    *,
-    device: str = "cpu",
-    batch: int = 32,
-    dtype: str = "bf16",
-    compile_model: bool = False,
-    compile_mode: str = "default",
-    compile_scope: str = "model",
+    size: str, variant: str, settings: StepSettings = StepSettings()
 ) -> tuple[Callable[[], None], float | None]:
     """One optimiser step as the trainer runs it (loss, backward, clip 1.0, fused AdamW on CUDA,
     EMA) as a closure, and its model FLOPs (counted on CUDA, else None).
 
-    ``compile_model`` compiles the model (with ``compile_mode``, as one graph or per block, see
-    ``compile_scope``) and the diversity loss, as the trainer does on CUDA.
+    ``settings.compile_model`` compiles the model (with ``compile_mode``, as one graph or per
+    block, see ``compile_scope``) and the diversity loss, as the trainer does on CUDA.
     """
+    device, batch = settings.device, settings.batch
     torch.manual_seed(0)
     model, obj = build(size, variant, device)
     ema = [p.detach().clone() for p in model.parameters()]
@@ -177,7 +182,7 @@ def prepare_train_step(
     x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
     targets = [torch.randn(batch, cfg.num_patches, z, device=device) for z in cfg.z_dims]
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.dtype)
     dev_type = torch.device(device).type
 
     def step(network: torch.nn.Module = model, compiled: bool = False) -> None:
@@ -197,52 +202,47 @@ def prepare_train_step(
         with counter:
             step()  # count on the eager model (same mathematics as the compiled one)
         flops = float(counter.get_total_flops())
-    if not compile_model:
+    if not settings.compile_model:
         return step, flops
-    if compile_scope == "blocks":
-        model.compile_blocks(compile_mode)
+    if settings.compile_scope == "blocks":
+        model.compile_blocks(settings.compile_mode)
         return partial(step, model, True), flops
-    return partial(step, torch.compile(model, mode=compile_mode), True), flops
+    return partial(step, torch.compile(model, mode=settings.compile_mode), True), flops
 
 
 def _result(
-    size: str, variant: str, device: str, dtype: str, batch: int, compiled: bool,
-    times: list[float], flops: float | None, peak: float | None,
+    size: str, variant: str, settings: StepSettings, times: list[float], flops: float | None,
+    peak: float | None,
 ) -> StepResult:  # fmt: skip
+    st = settings
     median = statistics.median(times)
-    peak_flops = _peak_flops(device)
+    peak_flops = _peak_flops(st.device)
     mfu = flops / median / peak_flops if flops and peak_flops else None
     return StepResult(
-        size, variant, device, dtype, batch, compiled, batch / median, 1e3 * median,
-        peak, flops, mfu,
+        size, variant, st.device, st.dtype, st.batch, st.compile_model, st.batch / median,
+        1e3 * median, peak, flops, mfu,
     )  # fmt: skip
 
 
 def bench_train_step(
     size: str,
     variant: str,
+    settings: StepSettings = StepSettings(),
     *,
-    device: str = "cpu",
-    batch: int = 32,
-    dtype: str = "bf16",
-    compile_model: bool = False,
-    compile_mode: str = "default",
-    compile_scope: str = "model",
     warmup: int = 3,
     steps: int = 10,
     profile: bool = False,
 ) -> StepResult:
     """Median step time of one variant, timed alone (with its peak memory on CUDA); with
     ``profile``, two more steps under the profiler give its top operators."""
-    step, flops = prepare_train_step(
-        size, variant, device=device, batch=batch, dtype=dtype, compile_model=compile_model,
-        compile_mode=compile_mode, compile_scope=compile_scope,
-    )  # fmt: skip
-    if device.startswith("cuda"):
+    device = settings.device
+    step, flops = prepare_train_step(size, variant, settings)
+    cuda = device.startswith("cuda")
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times = _time(step, device, warmup, steps)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.startswith("cuda") else None
-    result = _result(size, variant, device, dtype, batch, compile_model, times, flops, peak)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    result = _result(size, variant, settings, times, flops, peak)
     result.profile = profile_step(step, device) if profile else None
     return result
 
@@ -250,13 +250,8 @@ def bench_train_step(
 def bench_train_steps_interleaved(
     size: str,
     variants: Sequence[str],
+    settings: StepSettings = StepSettings(),
     *,
-    device: str = "cpu",
-    batch: int = 32,
-    dtype: str = "bf16",
-    compile_model: bool = False,
-    compile_mode: str = "default",
-    compile_scope: str = "model",
     warmup: int = 3,
     steps: int = 10,
     profile: bool = False,
@@ -264,11 +259,8 @@ def bench_train_steps_interleaved(
     """Median step times of all variants, timed round-robin (one step of each in turn), so slow
     drift of a shared or throttled machine hits every variant alike. No per-variant peak memory.
     """
-    kw = dict(
-        device=device, batch=batch, dtype=dtype, compile_model=compile_model,
-        compile_mode=compile_mode, compile_scope=compile_scope,
-    )  # fmt: skip
-    prepared = {v: prepare_train_step(size, v, **kw) for v in variants}
+    device = settings.device
+    prepared = {v: prepare_train_step(size, v, settings) for v in variants}
     for step, _ in prepared.values():
         _time(step, device, warmup, 0)
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -277,7 +269,7 @@ def bench_train_steps_interleaved(
             times[v] += _time(step, device, 0, 1)
     results = []
     for v, (step, flops) in prepared.items():
-        result = _result(size, v, device, dtype, batch, compile_model, times[v], flops, None)
+        result = _result(size, v, settings, times[v], flops, None)
         result.profile = profile_step(step, device) if profile else None
         results.append(result)
     return results
@@ -485,18 +477,16 @@ def run(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2))
 
-    kw = dict(
-        device=device, batch=batch, dtype=dtype, compile_model=compile_model,
-        compile_mode=compile_mode, compile_scope=compile_scope, profile=profile,
-    )  # fmt: skip
+    step_settings = StepSettings(device, batch, dtype, compile_model, compile_mode, compile_scope)
+    kw = dict(steps=steps, profile=profile)
     for size in sizes:
         base = None
         if "train" not in parts:
             results = []
         elif interleave:
-            results = bench_train_steps_interleaved(size, variants, steps=steps, **kw)
+            results = bench_train_steps_interleaved(size, variants, step_settings, **kw)
         else:
-            results = (bench_train_step(size, v, steps=steps, **kw) for v in variants)
+            results = (bench_train_step(size, v, step_settings, **kw) for v in variants)
         for result in results:
             r = asdict(result)
             r["timing"] = "interleaved" if interleave else "sequential"
