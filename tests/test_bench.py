@@ -10,7 +10,7 @@ from diversedit.__main__ import main
 def test_bench_cli_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     main(["bench", "--sizes", "tiny", "--variants", "sit,diversedit", "--batch", "2",
-          "--steps", "1", "--dtype", "fp32", "--parts", "train,loss,optimizer,inception",
+          "--steps", "1", "--parts", "train,loss,optimizer,inception",
           "--profile", "--out", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     rows = report["train_step"]
@@ -19,7 +19,8 @@ def test_bench_cli_writes_json(tmp_path):
     assert rows[0]["overhead_vs_sit"] == 0 and "torch" in report["machine"]
     code = report["machine"]  # the code that was measured: a checkout's commit and dirty flag
     assert len(code["git_commit"]) == 40 and isinstance(code["dirty"], bool)
-    assert all(r["timing"] == "interleaved" for r in rows)  # the CPU default
+    assert all(r["timing"] == "interleaved" for r in rows)  # the CPU defaults
+    assert all(r["dtype"] == "fp32" for r in rows) and report["settings"]["dtype"] == "fp32"
     for r in rows:  # the profile names the matmuls that dominate a step on the CPU
         top = r["profile"]["top"]
         assert top and all(op["self_ms"] >= 0 for op in top)

@@ -163,7 +163,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench.add_argument("--variants", default="", help="comma list (default: all)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--batch", type=int, default=32, help="per-device batch (release: 32)")
-    bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    bench.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bf16", "fp16", "fp32"],
+        help="autocast dtype (default: bf16 on CUDA, fp32 on the CPU)",
+    )
     bench.add_argument(
         "--compile", action="store_true", help="torch.compile the model and the diversity loss"
     )

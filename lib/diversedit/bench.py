@@ -446,7 +446,7 @@ def run(
     *,
     device: str,
     batch: int,
-    dtype: str,
+    dtype: str | None,
     compile_model: bool,
     out: Path | None,
     parts: Sequence[str] = ("train", "loss", "sampler"),
@@ -458,8 +458,9 @@ def run(
 ) -> dict[str, Any]:
     """Benchmark ``parts`` (train, loss, optimizer, sampler, inception) for every size; writes
     the JSON after each measurement. ``interleave`` (default: on CPU) times the training variants
-    round-robin instead of one after another."""
+    round-robin instead of one after another. ``dtype`` None: bf16 on CUDA, fp32 elsewhere."""
     interleave = device == "cpu" if interleave is None else interleave
+    dtype = dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
     check_options(parts, compile_mode, compile_scope)
     settings = {
         "device": device, "batch": batch, "dtype": dtype, "compile": compile_model,
