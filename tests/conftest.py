@@ -1,6 +1,7 @@
 """Shared test settings: tiny models run fastest on one intra-op thread on shared CPU cores;
 without a GPU, Triton kernels run in Triton's CPU interpreter (set before Triton is imported)."""
 
+import importlib.util
 import os
 
 import pytest
@@ -8,6 +9,20 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(items):
+    """``triton_interpreted`` tests need Triton's interpreter: no CUDA (tests/test_gpu.py runs
+    the kernels there), TRITON_INTERPRET=1, and a torch build that ships Triton."""
+    off = (
+        torch.cuda.is_available()
+        or os.environ.get("TRITON_INTERPRET") != "1"
+        or importlib.util.find_spec("triton") is None
+    )
+    skip = pytest.mark.skip(reason="CPU check of Triton kernels in Triton's interpreter")
+    for item in items:
+        if off and "triton_interpreted" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

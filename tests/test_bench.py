@@ -37,6 +37,27 @@ def test_bench_cli_writes_json(tmp_path):
     assert report["sampler"] == []
 
 
+@pytest.mark.triton_interpreted
+def test_bench_times_steps_with_the_triton_statistics(tmp_path, monkeypatch):
+    """``--diversity-triton``: the steps run the Triton kernels (interpreted here) and say so;
+    where they cannot run, the command stops before building anything."""
+    import diversedit.losses.diversity_triton as kernels
+
+    for name, tile in (("BLOCK_M", 128), ("BLOCK_D", 256), ("ROWS", 128)):  # few, large
+        monkeypatch.setattr(kernels, name, tile)  # programs: the interpreter runs each alone
+    out = tmp_path / "bench.json"
+    args = ["bench", "--sizes", "tiny", "--variants", "diversity", "--batch", "2", "--steps",
+            "1", "--parts", "train", "--diversity-triton", "--out", str(out)]  # fmt: skip
+    main(args)
+    (row,) = json.loads(out.read_text())["train_step"]
+    assert row["diversity_triton"] and row["images_per_s"] > 0
+    monkeypatch.delenv("TRITON_INTERPRET")
+    out.unlink()
+    with pytest.raises(SystemExit, match="--diversity-triton needs a CUDA device"):
+        main(args)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "flag",
     [["--parts", "train,speed"], ["--compile-mode", "fastest"], ["--compile-scope", "layers"]],

@@ -219,6 +219,7 @@ def test_hash_identity():
         ("precision.compile", True),
         ("precision.compile_mode", "max-autotune"),
         ("precision.compile_scope", "blocks"),
+        ("precision.diversity_triton", True),
     ]:
         assert changed(dotted, value) == h, dotted
 

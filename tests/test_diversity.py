@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 
@@ -12,7 +11,6 @@ import torch
 from diversedit.losses.diversity import (
     DiversityConfig,
     _autograd_stats,
-    _chosen_slots,
     _fused_stats,
     _ieee_fp32,
     _Need,
@@ -20,6 +18,7 @@ from diversedit.losses.diversity import (
     _terms,
     adaptive_weight,
     candidate_pairs,
+    chosen_slots,
     diversity_loss,
     select_pairs,
 )
@@ -548,6 +547,7 @@ def test_config_lists_become_tuples() -> None:
 
 
 NEED = _Need(mu=True, cos=True, fmean=True, cols=True)
+CFG = DiversityConfig(eps=EPS)  # abs_of_mean MI: the form the hand-written backward covers
 
 
 def _stats_reference(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -573,7 +573,7 @@ def test_fused_stats_equal_reference_and_autograd_stats() -> None:
         return list(x.unbind(0))
 
     x = torch.randn(3, 2, 2, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    fused = lambda t: _fused_stats(blocks(t), EPS, torch.float64, NEED, "abs_of_mean")[1:6]  # noqa: E731
+    fused = lambda t: _fused_stats(blocks(t), torch.float64, NEED, None, CFG)[1:6]  # noqa: E731
     assert torch.autograd.gradcheck(fused, (x,))
     x = x.detach().clone()
     x[1, 1, 0], x[2, 0, 0] = 0.0, 1e-9  # a zero row and a row whose norm is clamped to eps
@@ -583,7 +583,7 @@ def test_fused_stats_equal_reference_and_autograd_stats() -> None:
     want = _stats_reference(blocks(x))
     weights = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in want]
     for flags in [NEED, _Need(True, False, False, False), _Need(False, True, False, True)]:
-        got = _fused_stats(blocks(x), EPS, torch.float64, flags, "abs_of_mean")
+        got = _fused_stats(blocks(x), torch.float64, flags, None, CFG)
         want = _stats_reference(blocks(x))
         assert got.valid.tolist() == [True, True, False]
         used = [i for i, t in enumerate(got[1:6]) if t.numel()]
@@ -593,13 +593,13 @@ def test_fused_stats_equal_reference_and_autograd_stats() -> None:
         (g_want,) = torch.autograd.grad(sum((want[i] * weights[i]).sum() for i in used), x)
         assert torch.allclose(g_got, g_want, rtol=1e-10, atol=1e-5), flags
         assert not g_got[2].any()
-    plain = _autograd_stats(blocks(x), EPS, torch.float64, NEED, "abs_of_mean")
+    plain = _autograd_stats(blocks(x), torch.float64, NEED, None, CFG)
     assert plain.valid.tolist() == [True, True, False] and plain.rows.shape == (4, 3, 5)
     for i in (0, 2, 3, 4):  # mu, fmean, l1, l2 (pair cosines are gathered by _pair_terms)
         assert torch.allclose(plain[i + 1], want[i], rtol=1e-12, atol=1e-12), i
     # low-precision input: fp32 statistics of the exact upcast, gradient rounded once
     xb = x.detach()[:2].bfloat16().requires_grad_(True)
-    got = _fused_stats(blocks(xb), EPS, torch.float32, NEED, "abs_of_mean")[1:6]
+    got = _fused_stats(blocks(xb), torch.float32, NEED, None, CFG)[1:6]
     xd = xb.detach().double().requires_grad_(True)
     want = _stats_reference(blocks(xd))
     assert all(t.dtype == torch.float32 for t in got)
@@ -613,10 +613,13 @@ def test_fused_stats_equal_reference_and_autograd_stats() -> None:
 
 
 def test_chosen_slots_order_and_padding() -> None:
-    chosen = torch.tensor([False, True, True, False, True, False])
-    slot, filled = _chosen_slots(chosen, 4)
+    valid = torch.tensor([False, True, True, False, True, False, True])
+    cand_a, cand_b = torch.arange(6), torch.full((6,), 6)  # pair k: blocks (k, 6)
+    slot, filled = chosen_slots(valid, cand_a, cand_b, 4, skip=True)
     assert slot.tolist()[:3] == [1, 2, 4] and filled.tolist() == [True, True, True, False]
-    slot, filled = _chosen_slots(torch.ones(3, dtype=torch.bool), 3)
+    slot, filled = chosen_slots(valid, cand_a, cand_b, 2, skip=True)  # the first cap valid
+    assert slot.tolist() == [1, 2] and filled.all()
+    slot, filled = chosen_slots(valid, cand_a[:3], cand_b[:3], 3, skip=False)  # all, in order
     assert slot.tolist() == [0, 1, 2] and filled.all()
 
 
@@ -667,12 +670,7 @@ def test_eager_gram_matmuls_ignore_tf32(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 # --------------------------------------------------------------------------- Triton statistics
-interpreted = pytest.mark.skipif(
-    torch.cuda.is_available()
-    or os.environ.get("TRITON_INTERPRET") != "1"
-    or importlib.util.find_spec("triton") is None,  # CPU-only torch builds come without it
-    reason="CPU check of the Triton kernels in Triton's interpreter (tests/test_gpu.py on CUDA)",
-)
+interpreted = pytest.mark.triton_interpreted
 
 
 def small_tiles(monkeypatch) -> None:
@@ -743,6 +741,36 @@ def test_triton_statistics_mixed_dtypes_match_fused(policy, monkeypatch) -> None
         assert a.dtype == dt
         torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-2)
     assert not grads[1][5].any()
+
+
+@interpreted
+def test_triton_statistics_inside_the_compiled_loss(monkeypatch) -> None:
+    """``compiled=True, triton=True``: the kernels as opaque operators inside the compiled loss
+    (one graph, no break) give the eager Triton path's values and gradients."""
+    from torch._dynamo.utils import counters
+
+    small_tiles(monkeypatch)
+    counters.clear()
+    dtypes = [torch.float32] * 6 + [torch.bfloat16] * 6
+    feats = [f.to(dt) for f, dt in zip(_feats(12, seed=4, shape=(2, 5, 20)), dtypes, strict=True)]
+    feats[2][1, 0, 3] = math.nan
+    cfg = DiversityConfig(pair_encoder_depth=4, adaptive=False)
+    runs = []
+    for compiled in (False, True):
+        leaves = [f.clone().requires_grad_(True) for f in feats]
+        out = diversity_loss(leaves, cfg, triton=True, compiled=compiled)
+        out["loss"].backward()
+        runs.append((out, [leaf.grad for leaf in leaves]))
+    (eager, g_eager), (got, g_got) = runs
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1  # the forward, compiled once
+    assert eager["blocks_skipped"] == 1 and eager["pairs_used"] > 0
+    for key in eager:
+        torch.testing.assert_close(got[key], eager[key], atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_got, g_eager, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-6, rtol=1e-5)
+    assert not g_got[2].any()
 
 
 def test_triton_statistics_refuse_unsupported_options() -> None:

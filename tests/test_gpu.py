@@ -55,10 +55,12 @@ def test_compiled_model_matches_eager(scope):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
 
 
-def _check_loss_path_against_eager(path: str, width: int, cfg: DiversityConfig, no_sync: bool):
-    """``diversity_loss(..., **{path: True})`` against the eager fused Function on fp32 and bf16
-    blocks with a NaN and an inf block: values, gradients (zero on those blocks); with
-    ``no_sync``, the second call must not synchronise with the host."""
+def _check_loss_path_against_eager(
+    paths: tuple[str, ...], width: int, cfg: DiversityConfig, no_sync: bool
+):
+    """``diversity_loss`` with each flag of ``paths`` on against the eager fused Function, on
+    fp32 and bf16 blocks with a NaN and an inf block: values, gradients (zero on those blocks);
+    with ``no_sync``, the second call must not synchronise with the host."""
     from diversedit.losses.diversity import diversity_loss
 
     torch.manual_seed(0)
@@ -72,11 +74,11 @@ def _check_loss_path_against_eager(path: str, width: int, cfg: DiversityConfig, 
     for on in (False, True):
         leaves = [f.clone().requires_grad_(True) for f in feats]
         if no_sync:
-            diversity_loss(leaves, cfg, **{path: on})  # warm-up (kernel compilation)
+            diversity_loss(leaves, cfg, **dict.fromkeys(paths, on))  # warm-up (compilation)
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error" if on else "default")
         try:
-            out = diversity_loss(leaves, cfg, **{path: on})
+            out = diversity_loss(leaves, cfg, **dict.fromkeys(paths, on))
             out["loss"].backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
@@ -92,18 +94,20 @@ def _check_loss_path_against_eager(path: str, width: int, cfg: DiversityConfig, 
 
 def test_compiled_diversity_loss_matches_eager_on_cuda():
     """The Inductor-fused statistics (the CUDA default) against the eager fused Function."""
-    _check_loss_path_against_eager("compiled", 96, DiversityConfig(pair_encoder_depth=4), False)
+    cfg = DiversityConfig(pair_encoder_depth=4)
+    _check_loss_path_against_eager(("compiled",), 96, cfg, False)
 
 
 def test_triton_diversity_statistics_match_eager_on_cuda():
     """The experimental Triton kernels on the GPU: same values and gradients as the eager path
     (fp32 and bf16 blocks, NaN/inf blocks), and no host synchronisation."""
     cfg = DiversityConfig(pair_encoder_depth=4, adaptive=False)
-    _check_loss_path_against_eager("triton", 200, cfg, True)
+    _check_loss_path_against_eager(("triton",), 200, cfg, True)
+    _check_loss_path_against_eager(("triton", "compiled"), 200, cfg, True)  # inside the graph
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_training_step_has_no_host_sync(compiled):
+@pytest.mark.parametrize(("compiled", "triton"), [(False, False), (True, False), (True, True)])
+def test_training_step_has_no_host_sync(compiled, triton):
     m = perturbed(z_dims=(64,), encoder_depth=3).train()
     cfg = ObjectiveConfig(
         repa=RepaConfig(encoder_depth=3), diversity=DiversityConfig(pair_encoder_depth=3)
@@ -116,7 +120,9 @@ def test_training_step_has_no_host_sync(compiled):
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, terms = compute_loss(net, x, y, cfg, encoder_targets=targets, compiled=compiled)
+            loss, terms = compute_loss(
+                net, x, y, cfg, encoder_targets=targets, compiled=compiled, triton=triton
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0, foreach=True)
         opt.step()

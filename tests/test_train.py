@@ -319,3 +319,28 @@ def test_block_compile_scope_compiles_each_block_in_place(tmp_path, monkeypatch)
     assert tr.net is tr.model and tr.compiled
     tr.fit()
     assert tr.step == 2
+
+
+@pytest.mark.triton_interpreted
+def test_diversity_triton_trains_like_the_eager_loss(tmp_path, monkeypatch):
+    """precision.diversity_triton: the Triton statistics (in Triton's CPU interpreter) give the
+    eager loss's logged terms and trained weights; without CUDA or the interpreter the trainer
+    refuses before any work."""
+    import json
+
+    logs, weights = [], []
+    for on in (False, True):
+        extra = {"precision.diversity_triton": on, "optim.max_steps": 2}
+        tr = trainer(config(tmp_path / str(on), "digits_diversedit.yaml", **extra))
+        run = tr.fit()
+        logs.append([json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()])
+        weights.append(tr.model.state_dict())
+    (eager,), (got,) = logs
+    assert eager["div_mi"] != 0 and eager["div_pairs_used"] > 0
+    for key in ("loss", "div_orth", "div_mi", "div_disp", "div_loss", "div_pairs_used"):
+        assert got[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-7), key
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, atol=1e-6, rtol=1e-5)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match=r"precision\.diversity_triton: the Triton kernels need"):
+        trainer(config(tmp_path / "cpu", "digits_diversedit.yaml", **extra))

@@ -21,7 +21,10 @@ def _bench(args: argparse.Namespace) -> None:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     parts = args.parts.split(",")
     try:
-        check_options(parts, args.compile_mode, args.compile_scope)
+        check_options(
+            parts, args.compile_mode, args.compile_scope,
+            device=args.device, diversity_triton=args.diversity_triton,
+        )  # fmt: skip
     except ValueError as err:
         raise SystemExit(f"diversedit bench: {err}") from None
     run(
@@ -38,6 +41,7 @@ def _bench(args: argparse.Namespace) -> None:
         compile_mode=args.compile_mode,
         compile_scope=args.compile_scope,
         profile=args.profile,
+        diversity_triton=args.diversity_triton,
     )
 
 
@@ -182,6 +186,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--compile-scope",
         default="model",
         help="with --compile: 'model' (one graph) or 'blocks' (each transformer block alone)",
+    )
+    bench.add_argument(
+        "--diversity-triton",
+        action="store_true",
+        help="training steps compute the diversity statistics with the Triton kernels (CUDA)",
     )
     bench.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     bench.add_argument(

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import COMPILE_MODES, COMPILE_SCOPES
 from .files import git_revision
-from .losses.diversity import DiversityConfig, diversity_loss
+from .losses.diversity import DiversityConfig, diversity_loss, triton_runs_on
 from .losses.objective import ObjectiveConfig, compute_loss
 from .losses.repa import RepaConfig
 from .models import create_model, model_config
@@ -52,7 +52,8 @@ PARTS = ("train", "loss", "optimizer", "sampler", "inception")
 
 @dataclass(frozen=True)
 class StepSettings:
-    """How a training step is run: device, per-device batch, autocast dtype, compilation."""
+    """How a training step is run: device, per-device batch, autocast dtype, compilation, and
+    whether the diversity statistics come from the Triton kernels."""
 
     device: str = "cpu"
     batch: int = 32
@@ -60,6 +61,7 @@ class StepSettings:
     compile_model: bool = False
     compile_mode: str = "default"
     compile_scope: str = "model"
+    diversity_triton: bool = False
 
 
 @dataclass
@@ -76,6 +78,7 @@ class StepResult:
     flops_per_step: float | None
     mfu: float | None
     profile: dict[str, Any] | None = None  # where the time goes (``--profile``)
+    diversity_triton: bool = False
 
 
 def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, ObjectiveConfig]:
@@ -187,7 +190,10 @@ def prepare_train_step(
 
     def step(network: torch.nn.Module = model, compiled: bool = False) -> None:
         with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = compute_loss(network, x0, y, obj, encoder_targets=targets, compiled=compiled)
+            loss, _ = compute_loss(
+                network, x0, y, obj, encoder_targets=targets, compiled=compiled,
+                triton=settings.diversity_triton,
+            )  # fmt: skip
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
@@ -220,7 +226,7 @@ def _result(
     mfu = flops / median / peak_flops if flops and peak_flops else None
     return StepResult(
         size, variant, st.device, st.dtype, st.batch, st.compile_model, st.batch / median,
-        1e3 * median, peak, flops, mfu,
+        1e3 * median, peak, flops, mfu, diversity_triton=st.diversity_triton,
     )  # fmt: skip
 
 
@@ -275,7 +281,7 @@ def bench_train_steps_interleaved(
     return results
 
 
-LOSS_IMPLS = ("fused", "autograd", "compiled", "triton")  # triton: CUDA only
+LOSS_IMPLS = ("fused", "autograd", "compiled", "triton", "triton_compiled")  # triton*: CUDA
 
 
 def bench_diversity_loss(
@@ -286,7 +292,8 @@ def bench_diversity_loss(
 
     ``fused``: the eager default (hand-written backward); ``autograd``: the same statistics in
     plain ops (the compile input, run eagerly); ``compiled``: ``diversity_loss(compiled=True)``;
-    ``triton``: ``diversity_loss(triton=True)`` (the experimental kernels, CUDA).
+    ``triton``: ``diversity_loss(triton=True)`` (the experimental kernels, CUDA), and
+    ``triton_compiled`` with ``compiled=True`` too (the kernels inside the compiled loss).
     ``profile`` adds its top operators or kernels (:func:`profile_step`).
     Features alternate the model's stream dtypes: float32 before the long-skip fusion, ``dtype``
     after it, as under autocast.
@@ -309,7 +316,8 @@ def bench_diversity_loss(
         if impl == "autograd":
             out = div._terms(tuple(feats), plan, dcfg, div._autograd_stats)
         else:
-            out = diversity_loss(feats, dcfg, compiled=impl == "compiled", triton=impl == "triton")
+            compiled, triton = impl.endswith("compiled"), impl.startswith("triton")
+            out = diversity_loss(feats, dcfg, compiled=compiled, triton=triton)
         torch.autograd.grad(out["loss"], feats)
 
     median = statistics.median(_time(run, device, 3, steps))
@@ -429,8 +437,12 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def check_options(parts: Sequence[str], compile_mode: str, compile_scope: str = "model") -> None:
-    """ValueError for an unknown part, compile mode or scope, before anything is built."""
+def check_options(
+    parts: Sequence[str], compile_mode: str, compile_scope: str = "model", *,
+    device: str = "cpu", diversity_triton: bool = False,
+) -> None:  # fmt: skip
+    """ValueError for an unknown part, compile mode or scope, or Triton kernels on a device
+    that cannot run them, before anything is built."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown bench parts {unknown}; choose from {PARTS}")
@@ -438,6 +450,10 @@ def check_options(parts: Sequence[str], compile_mode: str, compile_scope: str = 
         raise ValueError(f"unknown compile mode {compile_mode!r}; choose from {COMPILE_MODES}")
     if compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"unknown compile scope {compile_scope!r}; choose from {COMPILE_SCOPES}")
+    if diversity_triton and not triton_runs_on(torch.device(device)):
+        raise ValueError(
+            f"--diversity-triton needs a CUDA device, not {device} (or TRITON_INTERPRET=1)"
+        )
 
 
 def run(
@@ -455,18 +471,22 @@ def run(
     compile_mode: str = "default",
     compile_scope: str = "model",
     profile: bool = False,
+    diversity_triton: bool = False,
 ) -> dict[str, Any]:
     """Benchmark ``parts`` (train, loss, optimizer, sampler, inception) for every size; writes
     the JSON after each measurement. ``interleave`` (default: on CPU) times the training variants
     round-robin instead of one after another. ``dtype`` None: bf16 on CUDA, fp32 elsewhere."""
     interleave = device == "cpu" if interleave is None else interleave
     dtype = dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
-    check_options(parts, compile_mode, compile_scope)
+    check_options(
+        parts, compile_mode, compile_scope, device=device, diversity_triton=diversity_triton
+    )
     settings = {
         "device": device, "batch": batch, "dtype": dtype, "compile": compile_model,
         "compile_mode": compile_mode if compile_model else None,
         "compile_scope": compile_scope if compile_model else None, "steps": steps,
         "interleave": interleave, "parts": list(parts), "profile": profile,
+        "diversity_triton": diversity_triton,
     }  # fmt: skip
     report: dict[str, Any] = {
         "machine": machine(), "settings": settings, "train_step": [], "diversity_loss": [],
@@ -478,7 +498,9 @@ def run(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2))
 
-    step_settings = StepSettings(device, batch, dtype, compile_model, compile_mode, compile_scope)
+    step_settings = StepSettings(
+        device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton
+    )
     kw = dict(steps=steps, profile=profile)
     for size in sizes:
         base = None
@@ -495,14 +517,15 @@ def run(
             r["overhead_vs_sit"] = r["step_ms"] / base - 1 if base else None
             report["train_step"].append(r)
             print(
-                f"{size:>5} {r['variant']:>16} {r['images_per_s']:9.1f} img/s "
+                f"{size:>5} {r['variant'] + ('+triton' * r['diversity_triton']):>16} "
+                f"{r['images_per_s']:9.1f} img/s "
                 f"{r['step_ms']:8.2f} ms"
                 + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "")
                 + (f"  +{r['overhead_vs_sit']:.1%}" if r["overhead_vs_sit"] is not None else ""),
                 flush=True,
             )
             save()
-        impls = [i for i in LOSS_IMPLS if i != "triton" or device.startswith("cuda")]
+        impls = [i for i in LOSS_IMPLS if not i.startswith("triton") or device.startswith("cuda")]
         for impl in impls if "loss" in parts else ():
             r = bench_diversity_loss(
                 size, impl, device=device, batch=batch, dtype=dtype, steps=steps, profile=profile

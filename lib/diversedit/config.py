@@ -35,7 +35,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import torch
 import yaml
 
-from .losses.diversity import DiversityConfig, select_pairs
+from .losses.diversity import DiversityConfig, check_triton_supported, select_pairs
 from .losses.objective import ObjectiveConfig
 from .models.sit import (
     CONCAT_ORDERS,
@@ -79,6 +79,7 @@ HASH_EXCLUDED = (
     "precision.compile",  # how the same mathematics is executed
     "precision.compile_mode",
     "precision.compile_scope",
+    "precision.diversity_triton",
 )
 _SLUG = re.compile(r"[a-z0-9._-]+")
 _MODEL_CHOICES = {
@@ -249,8 +250,10 @@ class PrecisionConfig:
     compiling costs more than it saves for short runs).
     ``compile_mode`` is ``torch.compile``'s mode for the model; ``compile_scope`` compiles the
     whole ``model`` as one graph or each transformer ``blocks`` alone (regional compilation: the
-    blocks share one compiled graph, so compiling takes seconds instead of a minute). None of the
-    three enters the run hash.
+    blocks share one compiled graph, so compiling takes seconds instead of a minute).
+    ``diversity_triton`` computes the diversity statistics with the Triton kernels of
+    :mod:`~diversedit.losses.diversity_triton` (CUDA; experimental, off by default until timed).
+    None of these four enters the run hash.
     """
 
     mixed_precision: str = field(default="fp16", metadata={"choices": MIXED_PRECISION})
@@ -258,6 +261,7 @@ class PrecisionConfig:
     compile: bool | None = None
     compile_mode: str = field(default="default", metadata={"choices": COMPILE_MODES})
     compile_scope: str = field(default="model", metadata={"choices": COMPILE_SCOPES})
+    diversity_triton: bool = False
 
     def compile_on(self, device: torch.device) -> bool:
         """Whether to compile on ``device`` (resolves the ``null`` default)."""
@@ -593,6 +597,11 @@ class RunConfig:
     def _check_objective(self, depth: int) -> None:
         obj = self.objective
         div = obj.diversity
+        if div is not None and self.precision.diversity_triton:
+            try:
+                check_triton_supported(div)
+            except ValueError as err:
+                raise ConfigError("precision.diversity_triton", str(err)) from None
         if div is not None:
             if div.explicit_pairs and div.pairs != "explicit":
                 raise ConfigError(

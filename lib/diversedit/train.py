@@ -27,6 +27,7 @@ from .checkpoint import load_latest, prune, save_checkpoint
 from .cka import block_similarity
 from .data.sampler import BatchOrder
 from .files import git_revision
+from .losses.diversity import triton_runs_on
 from .losses.objective import compute_loss
 from .models import SiT
 
@@ -149,6 +150,11 @@ class Trainer:
             project_dir=str(self.run_dir),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if cfg.precision.diversity_triton and not triton_runs_on(acc.device):
+            raise ValueError(
+                f"precision.diversity_triton: the Triton kernels need a CUDA device, not "
+                f"{acc.device} (set it false, or TRITON_INTERPRET=1 to interpret them on the CPU)"
+            )
         if acc.device.type == "cuda" and cfg.precision.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -360,6 +366,7 @@ class Trainer:
                     encoder_targets=targets,
                     teacher=self.ema,
                     compiled=self.compiled,
+                    triton=cfg.precision.diversity_triton,
                 )
             acc.backward(loss)
             if acc.sync_gradients and cfg.optim.grad_clip > 0:

@@ -21,6 +21,7 @@ only for the chosen pairs, elementwise). Both are exact float32, like the releas
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -336,22 +337,24 @@ class _FusedStats(torch.autograd.Function):
 
 
 def _fused_stats(
-    blocks: list[Tensor], eps: float, dtype: torch.dtype, need: _Need, mi_form: str
+    blocks: list[Tensor], dtype: torch.dtype, need: _Need, plan: _Plan, cfg: DiversityConfig
 ) -> _Stats:
-    if mi_form != "abs_of_mean" and need.cos:  # the hand-written backward covers abs_of_mean
-        return _autograd_stats(blocks, eps, dtype, need, mi_form)
+    """The eager statistics (:class:`_FusedStats`). Every ``*_stats`` function takes the blocks
+    the plan lists, the statistics dtype, what is needed, the plan and the configuration."""
+    if cfg.mi_form != "abs_of_mean" and need.cos:  # the hand-written backward: abs_of_mean
+        return _autograd_stats(blocks, dtype, need, plan, cfg)
     x = torch.stack(blocks).flatten(1, -2)
-    return _Stats(*_FusedStats.apply(x, eps, dtype, need), rows=x.new_zeros(0))
+    return _Stats(*_FusedStats.apply(x, cfg.eps, dtype, need), rows=x.new_zeros(0))
 
 
 def _autograd_stats(
-    blocks: list[Tensor], eps: float, dtype: torch.dtype, need: _Need, mi_form: str
+    blocks: list[Tensor], dtype: torch.dtype, need: _Need, plan: _Plan, cfg: DiversityConfig
 ) -> _Stats:
     """The statistics in plain differentiable ops, on an (M, B, D) stack (rows = sample×token).
 
     The form ``torch.compile`` fuses (it derives the backward). Pair cosines are not computed
     here: :func:`_pair_terms` gathers the chosen pairs' rows (O(|P|) elementwise work, where a
-    B×B Gram matrix per row costs O(B²) in batched matmuls). ``mi_form`` is applied there.
+    B×B Gram matrix per row costs O(B²) in batched matmuls). ``cfg.mi_form`` is applied there.
     """
     x = torch.stack(blocks, dim=-2).flatten(0, -3)
     valid = torch.isfinite(x).all(dim=-1).all(dim=0)  # one fused pass under compile
@@ -360,7 +363,7 @@ def _autograd_stats(
     mu = x.mean(dim=0) if need.mu else empty
     fmean = empty
     if need.fmean:
-        inv = 1.0 / torch.linalg.vector_norm(x, dim=-1).clamp_min(eps)  # (M, B)
+        inv = 1.0 / torch.linalg.vector_norm(x, dim=-1).clamp_min(cfg.eps)  # (M, B)
         fmean = (x * inv[..., None]).mean(dim=0)
     l1 = l2 = empty
     if need.cols:
@@ -370,28 +373,28 @@ def _autograd_stats(
 
 
 def _triton_stats(
-    blocks: list[Tensor], eps: float, dtype: torch.dtype, need: _Need, mi_form: str, *,
-    plan: _Plan, cfg: DiversityConfig,
-) -> _Stats:  # fmt: skip
+    blocks: list[Tensor], dtype: torch.dtype, need: _Need, plan: _Plan, cfg: DiversityConfig
+) -> _Stats:
     """The statistics from the Triton kernels (:mod:`.diversity_triton`): the blocks are read in
     place, invalid blocks' statistics are zeroed here (so their gradient is zero)."""
-    from .diversity_triton import TritonStats
+    from .diversity_triton import diversity_stats
 
-    def choose(valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if not need.cos:
-            empty = plan.cand_a[:0]
-            return empty, empty, empty.bool()
-        slot, filled = _chosen_slots(_chosen(valid, plan, cfg), plan.cap)
-        return plan.cand_a[slot], plan.cand_b[slot], filled
-
-    valid, mu, l1, l2, c, filled, a, b = TritonStats.apply(
-        choose, eps, mi_form == "mean_of_abs", *blocks
+    cand_a, cand_b = (plan.cand_a, plan.cand_b) if need.cos else (plan.cand_a[:0], plan.cand_b[:0])
+    skip = cfg.nonfinite_policy == "skip"
+    valid, mu, l1, l2, c, filled, a, b, *_ = diversity_stats(
+        blocks, cand_a, cand_b, plan.cap, skip, cfg.eps, cfg.mi_form == "mean_of_abs"
     )
     keep = valid[:, None]
     mu, l1, l2 = (torch.where(keep, t, 0.0) for t in (mu, l1, l2))
     c = torch.where(valid[a] & valid[b], c, 0.0)
     empty = mu.new_zeros(0)
     return _Stats(valid, mu, empty, empty, l1, l2, empty, slot_cos=c, slot_filled=filled)
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device``: CUDA, or any device with Triton's CPU
+    interpreter on (``TRITON_INTERPRET=1`` before Triton is imported; how the tests run them)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def check_triton_supported(cfg: DiversityConfig) -> None:
@@ -402,9 +405,12 @@ def check_triton_supported(cfg: DiversityConfig) -> None:
         raise ValueError("the Triton diversity statistics implement disp_form='release_l1l2_usage'")
 
 
-def _chosen_slots(chosen: Tensor, cap: int) -> tuple[Tensor, Tensor]:
+def chosen_slots(
+    valid: Tensor, cand_a: Tensor, cand_b: Tensor, cap: int, skip: bool
+) -> tuple[Tensor, Tensor]:
     """Candidate positions of the chosen pairs in order, padded to ``cap`` slots, and which
     slots are filled: a scatter by rank with unique destinations (no sync, deterministic)."""
+    chosen = _chosen(valid, cand_a, cand_b, cap, skip)
     n = chosen.shape[0]
     idx = torch.arange(n, device=chosen.device)
     dest = torch.where(chosen, torch.cumsum(chosen, 0) - 1, cap + idx)
@@ -423,19 +429,20 @@ def _pair_row_cos(rows: Tensor, a: Tensor, b: Tensor, eps: float, mi_form: str) 
     return (cos.abs() if mi_form == "mean_of_abs" else cos).mean(dim=0)
 
 
-def _chosen(valid: Tensor, plan: _Plan, cfg: DiversityConfig) -> Tensor:
+def _chosen(valid: Tensor, cand_a: Tensor, cand_b: Tensor, cap: int, skip: bool) -> Tensor:
     """Which candidates make up P: the first ``cap`` valid ones (``skip``, the release), or all
     (the other policies, whose candidate list is already cut to ``cap``)."""
-    pair_ok = valid[plan.cand_a] & valid[plan.cand_b]
-    if cfg.nonfinite_policy == "skip":
-        return pair_ok & (torch.cumsum(pair_ok, 0) <= plan.cap)
+    pair_ok = valid[cand_a] & valid[cand_b]
+    if skip:
+        return pair_ok & (torch.cumsum(pair_ok, 0) <= cap)
     return torch.ones_like(pair_ok)  # invalid blocks are zeroed, so their terms are finite
 
 
 def _pair_terms(stats: _Stats, plan: _Plan, cfg: DiversityConfig) -> tuple[Tensor, Tensor, Tensor]:
     """L_orth, L_MI and the number of pairs used, read off the block statistics."""
     ca, cb = plan.cand_a, plan.cand_b
-    chosen = _chosen(stats.valid, plan, cfg)
+    skip = cfg.nonfinite_policy == "skip"
+    chosen = _chosen(stats.valid, ca, cb, plan.cap, skip)
     weight = chosen.to(stats.mu.dtype)  # every statistic has the statistics dtype
     used = weight.sum()
     denom = used.clamp_min(1.0)
@@ -449,7 +456,7 @@ def _pair_terms(stats: _Stats, plan: _Plan, cfg: DiversityConfig) -> tuple[Tenso
         if stats.slot_cos is not None:  # the chosen pairs' c, computed with the statistics
             c, w = stats.slot_cos, stats.slot_filled.to(weight.dtype)
         elif stats.rows.numel():  # only the chosen pairs, from the rows
-            slot, filled = _chosen_slots(chosen, plan.cap)
+            slot, filled = chosen_slots(stats.valid, ca, cb, plan.cap, skip)
             c = _pair_row_cos(stats.rows, ca[slot], cb[slot], cfg.eps, cfg.mi_form)
             w = filled.to(weight.dtype)
         else:  # every candidate from the fused block Gram matrix
@@ -496,7 +503,8 @@ def diversity_loss(
     ``compiled=True`` runs the same mathematics through ``torch.compile`` (plain differentiable
     statistics that Inductor fuses; the ``raise`` policy stays eager). Compiled once per shape.
     ``triton=True`` computes the statistics with the Triton kernels of :mod:`.diversity_triton`
-    (experimental: not yet timed on a GPU; float32 statistics, release dispersion form).
+    (experimental: not yet timed on a GPU; float32 statistics, release dispersion form), alone
+    or, with ``compiled=True``, as an opaque operator inside the compiled loss.
     """
     if not features:
         raise ValueError("diversity_loss needs at least one block feature")
@@ -509,15 +517,15 @@ def diversity_loss(
         from .diversity_triton import check_dtypes
 
         check_dtypes(features)
-        return _terms(tuple(features), plan, cfg, partial(_triton_stats, plan=plan, cfg=cfg))
     if compiled and cfg.nonfinite_policy != "raise":
-        return _compiled_terms()(tuple(features), plan, cfg)
-    return _terms(tuple(features), plan, cfg, _fused_stats)
+        stats_fn = _triton_stats if triton else _autograd_stats
+        return _compiled_terms(stats_fn)(tuple(features), plan, cfg)
+    return _terms(tuple(features), plan, cfg, _triton_stats if triton else _fused_stats)
 
 
-@lru_cache(maxsize=1)
-def _compiled_terms():
-    return torch.compile(partial(_terms, stats_fn=_autograd_stats), dynamic=False)
+@lru_cache(maxsize=2)
+def _compiled_terms(stats_fn):
+    return torch.compile(partial(_terms, stats_fn=stats_fn), dynamic=False)
 
 
 def _terms(features: tuple[Tensor, ...], plan: _Plan, cfg: DiversityConfig, stats_fn) -> dict:
@@ -541,7 +549,7 @@ def _terms(features: tuple[Tensor, ...], plan: _Plan, cfg: DiversityConfig, stat
             )
             promoted = reduce(torch.promote_types, (b.dtype for b in blocks))
             dtype = torch.float32 if fp32 else promoted
-            stats = stats_fn(blocks, cfg.eps, dtype, need, cfg.mi_form)
+            stats = stats_fn(blocks, dtype, need, plan, cfg)
             if cfg.nonfinite_policy == "raise":
                 _raise_if_bad(stats.valid, plan.blocks)  # host sync, documented
             skipped = (~stats.valid).sum().float()

@@ -180,69 +180,118 @@ def check_dtypes(blocks: Sequence[Tensor]) -> None:
         raise ValueError(f"the Triton diversity statistics take float32/16-bit blocks, got {bad}")
 
 
-class TritonStats(torch.autograd.Function):
-    """Column sums of every block and row cosines of the chosen slots' block pairs.
+def _empty(shape: Sequence[int], like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return like.new_empty(shape, dtype=dtype)
 
-    Forward returns raw statistics over the blocks' finite values — valid (B,: no non-finite
-    value in the block), mu (B, D), l1 (B, D), l2 (B, D), the mean row cosine c (S,) of each
-    slot's pair ``(a_slot, b_slot)`` as ``choose(valid)`` picks them (with the filled mask),
-    filled (S,), a_slot, b_slot. The caller zeroes invalid blocks' statistics with
-    ``torch.where``, whose zero gradients then reach this backward.
+
+@torch.library.custom_op("diversedit::diversity_stats", mutates_args=())
+def diversity_stats(
+    blocks: list[Tensor], cand_a: Tensor, cand_b: Tensor, cap: int, skip: bool, eps: float,
+    mean_of_abs: bool,
+) -> tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
+]:  # fmt: skip
+    """Column sums of every block and row cosines of the chosen pairs, from the Triton kernels.
+
+    Returns raw statistics over the blocks' finite values: valid (B,: no non-finite value in the
+    block), mu, l1, l2 (B, D), then for ``cap`` slots (none when ``cand_a`` is empty) the mean
+    row cosine c (S,) of each slot's pair, filled (S,), the pairs a_slot, b_slot (S,) as stack
+    positions, and the per-row cosines and norms (S, M) that the backward reads. The slots are
+    chosen on the device (:func:`~diversedit.losses.diversity.chosen_slots`: the first ``cap``
+    candidates whose blocks are valid with ``skip``, else the first ``cap``). An opaque operator
+    for ``torch.compile`` (it reads the blocks through their addresses), with its backward in
+    :func:`diversity_stats_backward`; the caller zeroes the statistics of invalid blocks.
     """
+    from .diversity import chosen_slots
 
-    @staticmethod
-    def forward(ctx, choose, eps: float, mean_of_abs: bool, *blocks: Tensor):
-        blocks = tuple(b.contiguous() for b in blocks)
-        first = blocks[0]
-        device, d = first.device, first.shape[-1]
-        m = first.numel() // d
-        n = len(blocks)
-        table, kind = _table(blocks, device)
-        f32 = dict(dtype=torch.float32, device=device)
-        splits = -(-m // ROWS)
-        parts = [torch.empty(n, splits, d, **f32) for _ in range(4)]
-        grid = (n, -(-d // BLOCK_D), splits)
-        column_sums[grid](table, kind, *parts, m, d, ROWS, BM=BLOCK_M, BD=BLOCK_D)
-        s1, sabs, ssq, nbad = (p.sum(dim=1) for p in parts)
-        valid = nbad.sum(dim=1) == 0
-        a_slot, b_slot, filled = choose(valid)
-        slots = a_slot.shape[0]
-        cos, na, nb = (torch.empty(slots, m, **f32) for _ in range(3))
-        if slots:
-            grid = (slots, -(-m // BLOCK_M))
-            pair_rows[grid](
-                table, kind, a_slot, b_slot, cos, na, nb, m, d, eps, BM=BLOCK_M, BD=BLOCK_D
-            )
-        c = (cos.abs() if mean_of_abs else cos).mean(dim=1)
-        l2 = ssq.sqrt()
-        ctx.save_for_backward(*blocks, a_slot, b_slot, cos, na, nb, l2)
-        ctx.eps, ctx.mean_of_abs, ctx.n = eps, mean_of_abs, n
-        ctx.mark_non_differentiable(valid, filled, a_slot, b_slot)
-        return valid, s1 / m, sabs, l2, c, filled, a_slot, b_slot
+    blocks = [b.contiguous() for b in blocks]
+    first = blocks[0]
+    device, d = first.device, first.shape[-1]
+    m = first.numel() // d
+    table, kind = _table(blocks, device)
+    splits = -(-m // ROWS)
+    parts = [_empty((len(blocks), splits, d), first) for _ in range(4)]
+    grid = (len(blocks), -(-d // BLOCK_D), splits)
+    column_sums[grid](table, kind, *parts, m, d, ROWS, BM=BLOCK_M, BD=BLOCK_D)
+    s1, sabs, ssq, nbad = (p.sum(dim=1) for p in parts)
+    valid = nbad.sum(dim=1) == 0
+    slots = cap if cand_a.numel() else 0
+    if slots:
+        slot, filled = chosen_slots(valid, cand_a, cand_b, cap, skip)
+        a_slot, b_slot = cand_a[slot], cand_b[slot]
+    else:  # fresh tensors: a custom operator's outputs may not alias its inputs
+        a_slot, b_slot, filled = cand_a.new_empty(0), cand_b.new_empty(0), valid.new_empty(0)
+    cos, na, nb = (_empty((slots, m), first) for _ in range(3))
+    if slots:
+        grid = (slots, -(-m // BLOCK_M))
+        pair_rows[grid](table, kind, a_slot, b_slot, cos, na, nb, m, d, eps, BM=BLOCK_M, BD=BLOCK_D)
+    c = (cos.abs() if mean_of_abs else cos).mean(dim=1)
+    return valid, s1 / m, sabs, ssq.sqrt(), c, filled, a_slot, b_slot, cos, na, nb
 
-    @staticmethod
-    def backward(ctx, _v, g_mu, g_l1, g_l2, g_c, _f, _a, _b):
-        *blocks, a_slot, b_slot, cos, na, nb, l2 = ctx.saved_tensors
-        first = blocks[0]
-        device, d = first.device, first.shape[-1]
-        m = first.numel() // d
-        zeros = torch.zeros_like(l2)
-        g_mu = zeros if g_mu is None else g_mu.float().contiguous()
-        g_l1 = zeros if g_l1 is None else g_l1.float().contiguous()
-        g_l2n = zeros if g_l2 is None else torch.where(l2 > 0, g_l2 / l2, 0.0).contiguous()
-        slots = a_slot.shape[0]
-        if g_c is None:
-            g_c = torch.zeros(slots, dtype=torch.float32, device=device)
-        gr = g_c[:, None] / m
-        if ctx.mean_of_abs:
-            gr = gr * cos.sign()
-        gr = gr.expand(slots, m).contiguous()
-        grads = [torch.empty_like(b) for b in blocks]
-        table, kind = _table(blocks, device)
-        grad_table, _ = _table(grads, device)
-        grid = (ctx.n, -(-m // BLOCK_M), -(-d // BLOCK_D))
-        block_grads[grid](
-            table, kind, grad_table, g_mu, g_l1, g_l2n, a_slot, b_slot, gr, cos, na, nb,
-            m, d, ctx.eps, S=slots, BM=BLOCK_M, BD=BLOCK_D,
-        )  # fmt: skip
-        return (None, None, None, *grads)
+
+@diversity_stats.register_fake
+def _(blocks, cand_a, cand_b, cap, skip, eps, mean_of_abs):
+    first = blocks[0]
+    n, d = len(blocks), first.shape[-1]
+    m = first.numel() // d
+    s = cap if cand_a.numel() else 0
+    stats = [_empty((n, d), first) for _ in range(3)]
+    slots = [_empty((s,), first), _empty((s,), first, torch.bool)]
+    pairs = [_empty((s,), cand_a, torch.long) for _ in range(2)]
+    return (_empty((n,), first, torch.bool), *stats, *slots, *pairs,
+            *(_empty((s, m), first) for _ in range(3)))  # fmt: skip
+
+
+@torch.library.custom_op("diversedit::diversity_stats_backward", mutates_args=())
+def diversity_stats_backward(
+    blocks: list[Tensor], g_mu: Tensor, g_l1: Tensor, g_l2n: Tensor, a_slot: Tensor,
+    b_slot: Tensor, gr: Tensor, cos: Tensor, na: Tensor, nb: Tensor, eps: float,
+) -> list[Tensor]:  # fmt: skip
+    """Every block's gradient in one pass per block, in the block's dtype (zero where the
+    block's value is not finite); ``g_l2n`` = g_l2 / l2, ``gr`` (S, M) = the rows' g_c."""
+    blocks = [b.contiguous() for b in blocks]
+    first = blocks[0]
+    device, d = first.device, first.shape[-1]
+    m = first.numel() // d
+    grads = [torch.empty_like(b) for b in blocks]
+    table, kind = _table(blocks, device)
+    grad_table, _ = _table(grads, device)
+    grid = (len(blocks), -(-m // BLOCK_M), -(-d // BLOCK_D))
+    block_grads[grid](
+        table, kind, grad_table, g_mu, g_l1, g_l2n, a_slot, b_slot, gr, cos, na, nb,
+        m, d, eps, S=a_slot.shape[0], BM=BLOCK_M, BD=BLOCK_D,
+    )  # fmt: skip
+    return grads
+
+
+@diversity_stats_backward.register_fake
+def _(blocks, g_mu, g_l1, g_l2n, a_slot, b_slot, gr, cos, na, nb, eps):
+    return [torch.empty_like(b) for b in blocks]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    blocks, _, _, _, _, eps, mean_of_abs = inputs
+    _, _, _, l2, _, _, a_slot, b_slot, cos, na, nb = output
+    ctx.save_for_backward(*blocks, a_slot, b_slot, cos, na, nb, l2)
+    ctx.eps, ctx.mean_of_abs = eps, mean_of_abs
+
+
+def _backward(ctx, _v, g_mu, g_l1, g_l2, g_c, *_):
+    *blocks, a_slot, b_slot, cos, na, nb, l2 = ctx.saved_tensors
+    m = cos.shape[1]
+
+    def dense(g: Tensor | None, like: Tensor) -> Tensor:
+        return torch.zeros_like(like) if g is None else g.float().contiguous()
+
+    g_l2n = torch.where(l2 > 0, dense(g_l2, l2) / l2, 0.0)
+    gr = dense(g_c, cos[:, 0])[:, None] / m
+    if ctx.mean_of_abs:
+        gr = gr * cos.sign()
+    gr = gr.expand_as(cos).contiguous()
+    grads = diversity_stats_backward(
+        blocks, dense(g_mu, l2), dense(g_l1, l2), g_l2n, a_slot, b_slot, gr, cos, na, nb, ctx.eps
+    )
+    return grads, None, None, None, None, None, None
+
+
+diversity_stats.register_autograd(_backward, setup_context=_setup_context)

@@ -61,6 +61,7 @@ def compute_loss(
     teacher: nn.Module | None = None,
     generator: torch.Generator | None = None,
     compiled: bool = False,
+    triton: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One step's total loss and its detached terms (for logging; no host synchronisation).
 
@@ -68,7 +69,8 @@ def compute_loss(
     ``encoder_targets`` are the REPA encoder's patch tokens, one (N, T, z_dim) tensor per
     projector; ``teacher`` is the EMA model for SRA. The random draws follow REPA's order
     (t, noise, label dropout), so a seeded step matches REPA's training loss. ``compiled`` runs
-    the diversity loss through ``torch.compile`` (compile the model yourself).
+    the diversity loss through ``torch.compile`` (compile the model yourself); ``triton`` computes
+    its statistics with the Triton kernels.
     """
     base = getattr(model, "module", model)
     terms: dict[str, Tensor] = {}
@@ -94,7 +96,7 @@ def compute_loss(
         terms["repa"] = repa_loss(out.zs, encoder_targets).mean()
         total = total + cfg.repa.coeff * terms["repa"]
     if cfg.diversity is not None:
-        div = diversity_loss(features, cfg.diversity, compiled=compiled)
+        div = diversity_loss(features, cfg.diversity, compiled=compiled, triton=triton)
         total = total + div["loss"]
         terms |= {k if k.startswith("div") else f"div_{k}": v for k, v in div.items()}
     if cfg.dispersive is not None and cfg.dispersive.coeff > 0:
