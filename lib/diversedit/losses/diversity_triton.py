@@ -9,8 +9,11 @@ count), one pass over the chosen slots' two blocks for the row cosines, and one 
 per block that writes its whole gradient (column terms plus the pair terms of every slot that
 names the block) in the block's own dtype.
 
-Same mathematics as the other paths (tested against them, in Triton's interpreter on CPU); not
-yet timed on a GPU, so nothing selects it by default: ``diversity_loss(..., triton=True)``.
+The forward and backward are ``torch.library`` custom operators (``diversedit::diversity_stats``
+and its backward), opaque to ``torch.compile``, so the compiled loss calls them without a graph
+break. Same mathematics as the other paths (tested against them, in Triton's interpreter on
+CPU); not yet timed on a GPU, so nothing selects it by default: ``diversity_loss(...,
+triton=True)``, or ``precision.diversity_triton: true`` for training.
 Kernels are built when this module is imported: with ``TRITON_INTERPRET=1`` set before, they
 run in Triton's CPU interpreter (how the CPU tests check them).
 """
