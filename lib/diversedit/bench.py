@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import COMPILE_MODES, COMPILE_SCOPES
 from .files import git_revision
+from .host_memory import keep_freed_memory
 from .losses.diversity import DiversityConfig, diversity_loss, triton_runs_on
 from .losses.objective import ObjectiveConfig, compute_loss
 from .losses.repa import RepaConfig
@@ -475,7 +476,8 @@ def run(
 ) -> dict[str, Any]:
     """Benchmark ``parts`` (train, loss, optimizer, sampler, inception) for every size; writes
     the JSON after each measurement. ``interleave`` (default: on CPU) times the training variants
-    round-robin instead of one after another. ``dtype`` None: bf16 on CUDA, fp32 elsewhere."""
+    round-robin instead of one after another. ``dtype`` None: bf16 on CUDA, fp32 elsewhere. On
+    the CPU, freed memory stays in the process as in CPU training (:mod:`.host_memory`)."""
     interleave = device == "cpu" if interleave is None else interleave
     dtype = dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
     check_options(
@@ -487,6 +489,7 @@ def run(
         "compile_scope": compile_scope if compile_model else None, "steps": steps,
         "interleave": interleave, "parts": list(parts), "profile": profile,
         "diversity_triton": diversity_triton,
+        "keep_freed_memory": torch.device(device).type == "cpu" and keep_freed_memory(),
     }  # fmt: skip
     report: dict[str, Any] = {
         "machine": machine(), "settings": settings, "train_step": [], "diversity_loss": [],

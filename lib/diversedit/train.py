@@ -27,6 +27,7 @@ from .checkpoint import load_latest, prune, save_checkpoint
 from .cka import block_similarity
 from .data.sampler import BatchOrder
 from .files import git_revision
+from .host_memory import keep_freed_memory
 from .losses.diversity import triton_runs_on
 from .losses.objective import compute_loss
 from .models import SiT
@@ -155,6 +156,8 @@ class Trainer:
                 f"precision.diversity_triton: the Triton kernels need a CUDA device, not "
                 f"{acc.device} (set it false, or TRITON_INTERPRET=1 to interpret them on the CPU)"
             )
+        if acc.device.type == "cpu":
+            keep_freed_memory()  # no page faults for every step's temporaries
         if acc.device.type == "cuda" and cfg.precision.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
