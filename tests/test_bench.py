@@ -1,6 +1,7 @@
 """The benchmark runs on the CPU and writes its JSON (timings are recorded, never asserted)."""
 
 import json
+import sys
 
 import pytest
 
@@ -21,6 +22,8 @@ def test_bench_cli_writes_json(tmp_path):
     assert len(code["git_commit"]) == 40 and isinstance(code["dirty"], bool)
     assert all(r["timing"] == "interleaved" for r in rows)  # the CPU defaults
     assert all(r["dtype"] == "fp32" for r in rows) and report["settings"]["dtype"] == "fp32"
+    assert all(r["page_faults"] >= 0 for r in rows)  # per step: host memory kept or not
+    assert report["settings"]["keep_freed_memory"] is sys.platform.startswith("linux")
     for r in rows:  # the profile names the matmuls that dominate a step on the CPU
         top = r["profile"]["top"]
         assert top and all(op["self_ms"] >= 0 for op in top)

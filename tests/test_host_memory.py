@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from diversedit.host_memory import USER_KEYS, keep_freed_memory
+from diversedit.host_memory import OPT_OUT, USER_KEYS, keep_freed_memory
 
 STEP_FAULTS = """
 import resource, sys, torch
@@ -25,7 +25,7 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_kept_memory_removes_the_steps_page_faults():
-    env = {k: v for k, v in os.environ.items() if k not in USER_KEYS}
+    env = {k: v for k, v in os.environ.items() if k not in (*USER_KEYS, OPT_OUT)}
     faults = {}
     for mode in ("default", "kept"):
         out = subprocess.run(
@@ -41,4 +41,7 @@ def test_kept_memory_removes_the_steps_page_faults():
 
 def test_user_settings_win(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv(OPT_OUT, "0")
     assert keep_freed_memory() is False

@@ -80,6 +80,7 @@ class StepResult:
     mfu: float | None
     profile: dict[str, Any] | None = None  # where the time goes (``--profile``)
     diversity_triton: bool = False
+    page_faults: float | None = None  # median minor page faults per step (host memory)
 
 
 def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, ObjectiveConfig]:
@@ -142,7 +143,21 @@ def profile_step(
     return {"top": ops, "kernel_ms": kernel_ms}
 
 
-def _time(fn: Callable[[], Any], device: str, warmup: int, steps: int) -> list[float]:
+def _minor_faults() -> int:
+    """This process's minor page faults so far (0 where ``resource`` is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _time(
+    fn: Callable[[], Any], device: str, warmup: int, steps: int, faults: list[int] | None = None
+) -> list[float]:
+    """Wall-clock seconds of ``steps`` calls after ``warmup``; appends each call's minor page
+    faults to ``faults`` when given."""
+
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -152,10 +167,12 @@ def _time(fn: Callable[[], Any], device: str, warmup: int, steps: int) -> list[f
     times = []
     for _ in range(steps):
         sync()
-        start = time.perf_counter()
+        start, faulted = time.perf_counter(), _minor_faults()
         fn()
         sync()
         times.append(time.perf_counter() - start)
+        if faults is not None:
+            faults.append(_minor_faults() - faulted)
     return times
 
 
@@ -219,7 +236,7 @@ def prepare_train_step(
 
 def _result(
     size: str, variant: str, settings: StepSettings, times: list[float], flops: float | None,
-    peak: float | None,
+    peak: float | None, faults: list[int],
 ) -> StepResult:  # fmt: skip
     st = settings
     median = statistics.median(times)
@@ -228,6 +245,7 @@ def _result(
     return StepResult(
         size, variant, st.device, st.dtype, st.batch, st.compile_model, st.batch / median,
         1e3 * median, peak, flops, mfu, diversity_triton=st.diversity_triton,
+        page_faults=statistics.median(faults),
     )  # fmt: skip
 
 
@@ -247,9 +265,10 @@ def bench_train_step(
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    times = _time(step, device, warmup, steps)
+    faults: list[int] = []
+    times = _time(step, device, warmup, steps, faults)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    result = _result(size, variant, settings, times, flops, peak)
+    result = _result(size, variant, settings, times, flops, peak, faults)
     result.profile = profile_step(step, device) if profile else None
     return result
 
@@ -271,12 +290,13 @@ def bench_train_steps_interleaved(
     for step, _ in prepared.values():
         _time(step, device, warmup, 0)
     times: dict[str, list[float]] = {v: [] for v in variants}
+    faults: dict[str, list[int]] = {v: [] for v in variants}
     for _ in range(steps):
         for v, (step, _) in prepared.items():
-            times[v] += _time(step, device, 0, 1)
+            times[v] += _time(step, device, 0, 1, faults[v])
     results = []
     for v, (step, flops) in prepared.items():
-        result = _result(size, v, settings, times[v], flops, None)
+        result = _result(size, v, settings, times[v], flops, None, faults[v])
         result.profile = profile_step(step, device) if profile else None
         results.append(result)
     return results
@@ -524,6 +544,7 @@ def run(
                 f"{r['images_per_s']:9.1f} img/s "
                 f"{r['step_ms']:8.2f} ms"
                 + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "")
+                + (f"  {r['page_faults']:.0f} page faults" if device == "cpu" else "")
                 + (f"  +{r['overhead_vs_sit']:.1%}" if r["overhead_vs_sit"] is not None else ""),
                 flush=True,
             )

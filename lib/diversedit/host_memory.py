@@ -5,7 +5,8 @@ and the top of the heap above its trim threshold), so a CPU training step, which
 activations and temporaries afresh, pays minor page faults for them on every step: about
 25 MiB for a tiny SiT step and 150 MiB for DiverseDiT's, most of what the CPU benchmark had
 measured as the additions' overhead (``results/bench/NOTES.md``, entry 16). Keeping the memory
-costs a resident size that stays at its peak. A user's own ``MALLOC_*_`` settings win.
+costs a resident size that stays at its peak. A user's own ``MALLOC_*_`` settings win, and
+``DIVERSEDIT_KEEP_FREED_MEMORY=0`` leaves glibc's defaults.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ SETTINGS = (
     (M_TOP_PAD, 64 << 20),  # grow the heap in 64 MiB steps
 )
 USER_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+OPT_OUT = "DIVERSEDIT_KEEP_FREED_MEMORY"
 
 
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for this process (and processes it forks).
 
-    Returns False, changing nothing, where the C library is not glibc or the user set any of
-    :data:`USER_KEYS`.
+    Returns False, changing nothing, where the C library is not glibc, the user set any of
+    :data:`USER_KEYS`, or ``DIVERSEDIT_KEEP_FREED_MEMORY`` is ``0``.
     """
-    if any(key in os.environ for key in USER_KEYS):
+    if os.environ.get(OPT_OUT) == "0" or any(key in os.environ for key in USER_KEYS):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
