@@ -53,16 +53,22 @@ PARTS = ("train", "loss", "optimizer", "sampler", "inception")
 
 @dataclass(frozen=True)
 class StepSettings:
-    """How a training step is run: device, per-device batch, autocast dtype, compilation, and
-    whether the diversity statistics come from the Triton kernels."""
+    """How a training step is run: device, per-device batch, autocast dtype (None: bf16 on
+    CUDA, fp32 elsewhere), compilation, and whether the diversity statistics come from the
+    Triton kernels."""
 
     device: str = "cpu"
     batch: int = 32
-    dtype: str = "bf16"
+    dtype: str | None = None
     compile_model: bool = False
     compile_mode: str = "default"
     compile_scope: str = "model"
     diversity_triton: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype is None:
+            cuda = torch.device(self.device).type == "cuda"
+            object.__setattr__(self, "dtype", "bf16" if cuda else "fp32")
 
 
 @dataclass
@@ -499,7 +505,10 @@ def run(
     round-robin instead of one after another. ``dtype`` None: bf16 on CUDA, fp32 elsewhere. On
     the CPU, freed memory stays in the process as in CPU training (:mod:`.host_memory`)."""
     interleave = device == "cpu" if interleave is None else interleave
-    dtype = dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
+    step_settings = StepSettings(
+        device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton
+    )
+    dtype = step_settings.dtype
     check_options(
         parts, compile_mode, compile_scope, device=device, diversity_triton=diversity_triton
     )
@@ -521,9 +530,6 @@ def run(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2))
 
-    step_settings = StepSettings(
-        device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton
-    )
     kw = dict(steps=steps, profile=profile)
     for size in sizes:
         base = None

@@ -418,9 +418,13 @@ def check_triton_supported(cfg: DiversityConfig) -> None:
 def chosen_slots(
     valid: Tensor, cand_a: Tensor, cand_b: Tensor, cap: int, skip: bool
 ) -> tuple[Tensor, Tensor]:
-    """Candidate positions of the chosen pairs in order, padded to ``cap`` slots, and which
-    slots are filled: a scatter by rank with unique destinations (no sync, deterministic)."""
-    chosen = _chosen(valid, cand_a, cand_b, cap, skip)
+    """Candidate positions of the chosen pairs (:func:`_chosen`) in order, padded to ``cap``
+    slots, and which slots are filled."""
+    return _slots(_chosen(valid, cand_a, cand_b, cap, skip), cap)
+
+
+def _slots(chosen: Tensor, cap: int) -> tuple[Tensor, Tensor]:
+    """A scatter by rank with unique destinations (no sync, deterministic)."""
     n = chosen.shape[0]
     idx = torch.arange(n, device=chosen.device)
     dest = torch.where(chosen, torch.cumsum(chosen, 0) - 1, cap + idx)
@@ -466,7 +470,7 @@ def _pair_terms(stats: _Stats, plan: _Plan, cfg: DiversityConfig) -> tuple[Tenso
         if stats.slot_cos is not None:  # the chosen pairs' c, computed with the statistics
             c, w = stats.slot_cos, stats.slot_filled.to(weight.dtype)
         elif stats.rows.numel():  # only the chosen pairs, from the rows
-            slot, filled = chosen_slots(stats.valid, ca, cb, plan.cap, skip)
+            slot, filled = _slots(chosen, plan.cap)
             c = _pair_row_cos(stats.rows, ca[slot], cb[slot], cfg.eps, cfg.mi_form)
             w = filled.to(weight.dtype)
         else:  # every candidate from the fused block Gram matrix
