@@ -220,6 +220,7 @@ def test_hash_identity():
         ("precision.compile_mode", "max-autotune"),
         ("precision.compile_scope", "blocks"),
         ("precision.diversity_triton", True),
+        ("precision.compile_update", True),
     ]:
         assert changed(dotted, value) == h, dotted
 

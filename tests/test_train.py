@@ -344,3 +344,62 @@ def test_diversity_triton_trains_like_the_eager_loss(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match=r"precision\.diversity_triton: the Triton kernels need"):
         trainer(config(tmp_path / "cpu", "digits_diversedit.yaml", **extra))
+
+
+def test_compiled_update_trains_like_the_library_update(tmp_path, monkeypatch):
+    """precision.compile_update: clip, AdamW and EMA as one function give the library
+    sequence's grad norms, weights, EMA and optimiser state (clipping active, weight decay on);
+    its checkpoints resume without it, and the other way round (torch.compile stubbed here:
+    tests/test_update.py compiles the function)."""
+    import json
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__name__) or fn)
+    extra = {"optim.max_steps": 4, "optim.grad_clip": 0.05, "optim.weight_decay": 0.1}
+    ref = trainer(config(tmp_path / "ref", **extra))
+    ref.fit()
+    runs = []
+    for first in (True, False):  # 2 steps with the switch then 2 without, and the reverse
+        path = tmp_path / str(first)
+        tr = trainer(config(path, **extra | {"precision.compile_update": first}))
+        assert (tr.update is not None) == first
+        tr.fit(2)
+        tr = trainer(config(path, **extra | {"precision.compile_update": not first}))
+        assert tr.step == 2
+        runs.append(tr.fit())
+    assert compiled == ["_foreach_update"] * 2
+    want = [json.loads(line) for line in (ref.run_dir / "log.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0.05 for r in want)  # the clipping is active
+    a, _ = load_latest(ref.run_dir / "checkpoints")
+    for run in runs:
+        got = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        for g, w in zip(got, want, strict=True):
+            assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4), g["step"]
+            assert g["loss"] == pytest.approx(w["loss"], rel=1e-4), g["step"]
+        b, _ = load_latest(run / "checkpoints")
+        for key in ("model", "ema"):
+            for name, value in a[key].items():
+                torch.testing.assert_close(b[key][name], value, atol=1e-5, rtol=1e-4)
+        for i, state in a["optimizer"]["state"].items():
+            for name, value in state.items():
+                torch.testing.assert_close(b["optimizer"]["state"][i][name], value,
+                                           atol=1e-7, rtol=1e-4)  # fmt: skip
+
+
+def test_resume_may_change_how_a_run_executes_not_what_it_trains(tmp_path):
+    """Settings left out of the run hash (logging, compilation...) may differ on resume and are
+    recorded per start; a hashed value that differs from the run's config.json is refused."""
+    import json
+
+    run = trainer(config(tmp_path, **{"optim.max_steps": 4})).fit(2)
+    tr = trainer(config(tmp_path, **{"optim.max_steps": 4, "logging.log_every": 1}))
+    assert tr.step == 2
+    tr.fit()
+    starts = [json.loads(line) for line in (run / "provenance.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in starts] == [0, 2]
+    assert all(s["precision"]["mixed_precision"] == "no" for s in starts)
+    saved = json.loads((run / "config.json").read_text())
+    saved["seed"] = 1
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(RuntimeError, match=r"config\.json differs from this run's configuration"):
+        trainer(config(tmp_path, **{"optim.max_steps": 4})).fit()

@@ -80,6 +80,7 @@ HASH_EXCLUDED = (
     "precision.compile_mode",
     "precision.compile_scope",
     "precision.diversity_triton",
+    "precision.compile_update",
 )
 _SLUG = re.compile(r"[a-z0-9._-]+")
 _MODEL_CHOICES = {
@@ -253,7 +254,11 @@ class PrecisionConfig:
     blocks share one compiled graph, so compiling takes seconds instead of a minute).
     ``diversity_triton`` computes the diversity statistics with the Triton kernels of
     :mod:`~diversedit.losses.diversity_triton` (CUDA; experimental, off by default until timed).
-    None of these four enters the run hash.
+    ``compile_update`` runs gradient clipping, AdamW and the EMA as one compiled function
+    (:class:`~diversedit.update.CompiledUpdate`, same mathematics in two passes over the
+    parameters instead of six; bf16 or no mixed precision, since fp16's gradient scaler skips
+    steps; off by default until timed on a GPU).
+    None of these five enters the run hash.
     """
 
     mixed_precision: str = field(default="fp16", metadata={"choices": MIXED_PRECISION})
@@ -262,6 +267,7 @@ class PrecisionConfig:
     compile_mode: str = field(default="default", metadata={"choices": COMPILE_MODES})
     compile_scope: str = field(default="model", metadata={"choices": COMPILE_SCOPES})
     diversity_triton: bool = False
+    compile_update: bool = False
 
     def compile_on(self, device: torch.device) -> bool:
         """Whether to compile on ``device`` (resolves the ``null`` default)."""
@@ -284,6 +290,12 @@ class PrecisionConfig:
             self.compile_scope in COMPILE_SCOPES,
             "compile_scope",
             _not_one_of(self.compile_scope, COMPILE_SCOPES),
+        )
+        _check(
+            not (self.compile_update and self.mixed_precision == "fp16"),
+            "compile_update",
+            "needs mixed_precision bf16 or no: with fp16 the gradient scaler decides on the host "
+            "whether to skip each step",
         )
 
 
@@ -407,14 +419,9 @@ class RunConfig:
         """First 10 hex digits of the sha256 of the canonical JSON of ``to_dict()`` without the
         keys of :data:`HASH_EXCLUDED` (naming, output places, logging, checkpoints, workers,
         compilation)."""
-        payload = self.to_dict()
-        for dotted in HASH_EXCLUDED:
-            *parents, last = dotted.split(".")
-            node = payload
-            for part in parents:
-                node = node[part]
-            node.pop(last)
-        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        text = json.dumps(
+            hashed_part(self.to_dict()), sort_keys=True, separators=(",", ":"), allow_nan=False
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     def run_dir(self) -> Path:
@@ -920,6 +927,19 @@ def _describe(hint: Any) -> str:
 
 def _mismatch(hint: Any, value: Any, nullable: bool) -> str:
     return f"expected {_describe(hint)}{' or null' if nullable else ''}, got {_show(value)}"
+
+
+def hashed_part(payload: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a :meth:`RunConfig.to_dict` payload without the keys of :data:`HASH_EXCLUDED`
+    (what :meth:`RunConfig.hash` covers; keys missing from older payloads are fine)."""
+    payload = copy.deepcopy(payload)
+    for dotted in HASH_EXCLUDED:
+        *parents, last = dotted.split(".")
+        node = payload
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(last, None)
+    return payload
 
 
 def _at_least(obj: Any, name: str, low: float, note: str = "") -> None:

@@ -25,12 +25,14 @@ from torch import Tensor, nn
 
 from .checkpoint import load_latest, prune, save_checkpoint
 from .cka import block_similarity
+from .config import hashed_part
 from .data.sampler import BatchOrder
 from .files import git_revision
 from .host_memory import keep_freed_memory
 from .losses.diversity import triton_runs_on
 from .losses.objective import compute_loss
 from .models import SiT
+from .update import CompiledUpdate
 
 REQUEUE_EXIT_CODE = 85  # exit status after a SIGTERM/SIGUSR1 checkpoint: "requeue me"
 
@@ -208,6 +210,14 @@ class Trainer:
             acc.unwrap_model(self.model).compile_blocks(prec.compile_mode)
         elif self.compiled:
             self.net = torch.compile(self.model, mode=prec.compile_mode)
+        self.update = None  # clip, AdamW, EMA as one compiled function
+        if prec.compile_update:
+            self.update = CompiledUpdate(
+                self.optimizer,
+                list(self.ema.parameters()),
+                max_norm=opt.grad_clip,
+                ema_decay=opt.ema_decay,
+            )
 
     # --- state -----------------------------------------------------------------------------
 
@@ -372,12 +382,16 @@ class Trainer:
                     triton=cfg.precision.diversity_triton,
                 )
             acc.backward(loss)
-            if acc.sync_gradients and cfg.optim.grad_clip > 0:
-                grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
+            if self.update is not None:
+                if acc.sync_gradients:
+                    grad_norm = self.update()
+            else:
+                if acc.sync_gradients and cfg.optim.grad_clip > 0:
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                self.optimizer.step()
+                if acc.sync_gradients:
+                    update_ema(self.ema, acc.unwrap_model(self.model), cfg.optim.ema_decay)
             self.optimizer.zero_grad(set_to_none=True)
-            if acc.sync_gradients:
-                update_ema(self.ema, acc.unwrap_model(self.model), cfg.optim.ema_decay)
         return terms, grad_norm
 
     # --- checks, logs, analysis ------------------------------------------------------------
@@ -448,8 +462,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_file = self.run_dir / "config.json"
         resolved = self.config.to_dict()
-        if config_file.exists():
-            if json.loads(config_file.read_text()) != json.loads(json.dumps(resolved)):
+        if config_file.exists():  # a resume may change how it runs, never what it trains
+            first = hashed_part(json.loads(config_file.read_text()))
+            if first != hashed_part(json.loads(json.dumps(resolved))):
                 raise RuntimeError(f"{config_file} differs from this run's configuration")
         else:
             config_file.write_text(json.dumps(resolved, indent=2))
@@ -457,6 +472,7 @@ class Trainer:
         entry = _provenance(self.accelerator) | {
             "resumed_from": str(self._resumed_from) if self._resumed_from else None,
             "step": self.step,
+            "precision": resolved["precision"],  # this start's execution settings
         }
         with prov.open("a") as f:
             f.write(json.dumps(entry) + "\n")
