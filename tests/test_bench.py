@@ -61,6 +61,25 @@ def test_bench_times_steps_with_the_triton_statistics(tmp_path, monkeypatch):
     assert not out.exists()
 
 
+def test_bench_times_the_compiled_update(tmp_path, monkeypatch):
+    """``--compile-update``: the steps take the compiled update (torch.compile stubbed: on the
+    CPU compiling the tiny model's 132 tensors takes minutes) and the optimizer part times it
+    next to the library update."""
+    import torch
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__name__) or fn)
+    out = tmp_path / "bench.json"
+    main(["bench", "--sizes", "tiny", "--variants", "sit", "--batch", "2", "--steps", "1",
+          "--parts", "train,optimizer", "--compile-update", "--out", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    (row,) = report["train_step"]
+    assert row["compile_update"] and report["settings"]["compile_update"]
+    (update,) = report["optimizer"]
+    assert update["compiled_update_ms"] > 0 and update["update_ms"] > 0
+    assert compiled == ["_foreach_update"] * 2  # the step's and the optimizer part's
+
+
 @pytest.mark.parametrize(
     "flag",
     [["--parts", "train,speed"], ["--compile-mode", "fastest"], ["--compile-scope", "layers"]],

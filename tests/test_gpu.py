@@ -7,6 +7,7 @@ from diversedit.losses.diversity import DiversityConfig
 from diversedit.losses.objective import ObjectiveConfig, compute_loss
 from diversedit.losses.repa import RepaConfig
 from diversedit.models import create_model
+from diversedit.update import CompiledUpdate
 
 pytestmark = [
     pytest.mark.gpu,
@@ -106,8 +107,39 @@ def test_triton_diversity_statistics_match_eager_on_cuda():
     _check_loss_path_against_eager(("triton", "compiled"), 200, cfg, True)  # inside the graph
 
 
-@pytest.mark.parametrize(("compiled", "triton"), [(False, False), (True, False), (True, True)])
-def test_training_step_has_no_host_sync(compiled, triton):
+def test_compiled_update_matches_fused_adamw_on_cuda():
+    """The compiled update (clip, AdamW, EMA in one graph) against clip_grad_norm_, the fused
+    AdamW and the EMA lerp, with clipping active and weight decay on."""
+    ref, got = perturbed(), perturbed()
+    ref_ema, got_ema = ([p.detach().clone() for p in m.parameters()] for m in (ref, got))
+    kw = dict(lr=1e-3, weight_decay=0.05, fused=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), **kw)
+    got_opt = torch.optim.AdamW(got.parameters(), **kw)
+    update = CompiledUpdate(got_opt, got_ema, max_norm=0.5, ema_decay=0.99)
+    g = torch.Generator("cuda").manual_seed(1)
+    for _ in range(3):
+        for a, b in zip(ref.parameters(), got.parameters(), strict=True):
+            if a.requires_grad:
+                a.grad = torch.randn(a.shape, device="cuda", generator=g)
+                b.grad = a.grad.clone()
+        want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5, foreach=True)
+        ref_opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ref_ema, list(ref.parameters()), 0.01)
+        torch.testing.assert_close(update(), want, rtol=1e-5, atol=0)
+        ref_opt.zero_grad()
+        got_opt.zero_grad()
+    pairs = zip([*ref.parameters(), *ref_ema], [*got.parameters(), *got_ema], strict=True)
+    for a, b in pairs:
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("compiled", "triton", "update"),
+    [(False, False, False), (True, False, False), (True, True, False), (True, False, True)],
+    ids=["eager", "compiled", "compiled-triton", "compiled-update"],
+)
+def test_training_step_has_no_host_sync(compiled, triton, update):
     m = perturbed(z_dims=(64,), encoder_depth=3).train()
     cfg = ObjectiveConfig(
         repa=RepaConfig(encoder_depth=3), diversity=DiversityConfig(pair_encoder_depth=3)
@@ -115,7 +147,8 @@ def test_training_step_has_no_host_sync(compiled, triton):
     x, _, y = inputs()
     targets = [torch.randn(8, 64, 64, device="cuda")]
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
-
+    ema = [p.detach().clone() for p in m.parameters()]
+    compiled_update = CompiledUpdate(opt, ema, max_norm=1.0, ema_decay=0.9999) if update else None
     net = torch.compile(m) if compiled else m
 
     def step():
@@ -124,8 +157,13 @@ def test_training_step_has_no_host_sync(compiled, triton):
                 net, x, y, cfg, encoder_targets=targets, compiled=compiled, triton=triton
             )
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0, foreach=True)
-        opt.step()
+        if compiled_update is not None:
+            compiled_update()
+        else:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0, foreach=True)
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, list(m.parameters()), 1e-4)
         opt.zero_grad(set_to_none=True)
         return terms
 
@@ -143,8 +181,8 @@ def test_training_step_has_no_host_sync(compiled, triton):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_digits_training_sampling_and_evaluation_on_cuda(tmp_path, precision):
-    """The trainer's CUDA path (compiled model and loss, fused AdamW, grad scaler, TF32), then
-    sampling and metrics."""
+    """The trainer's CUDA path (compiled model and loss, fused AdamW, grad scaler, TF32; the
+    compiled update with bf16), then sampling and metrics."""
     import json
     from pathlib import Path
 
@@ -161,6 +199,7 @@ def test_digits_training_sampling_and_evaluation_on_cuda(tmp_path, precision):
         "results_dir": str(tmp_path), "precision.mixed_precision": precision,
         "model.long_skip": True, "objective.diversity.pairs": "star", "optim.max_steps": 4,
         "checkpoint.every": 2, "logging.log_every": 2, "logging.tensorboard": False,
+        "precision.compile_update": precision == "bf16",
     }  # fmt: skip
     AcceleratorState._reset_state(True)
     trainer = Trainer(load_config(root / "params/train/digits_sit.yaml", overrides))

@@ -42,6 +42,7 @@ def _bench(args: argparse.Namespace) -> None:
         compile_scope=args.compile_scope,
         profile=args.profile,
         diversity_triton=args.diversity_triton,
+        compile_update=args.compile_update,
     )
 
 
@@ -191,6 +192,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--diversity-triton",
         action="store_true",
         help="training steps compute the diversity statistics with the Triton kernels (CUDA)",
+    )
+    bench.add_argument(
+        "--compile-update",
+        action="store_true",
+        help="training steps clip, step AdamW and update the EMA in one compiled function; "
+        "the optimizer part times it against the library update",
     )
     bench.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     bench.add_argument(

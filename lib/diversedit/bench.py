@@ -31,6 +31,7 @@ from .losses.repa import RepaConfig
 from .models import create_model, model_config
 from .models.sit import SiTConfig
 from .sampling import euler_maruyama_sampler
+from .update import CompiledUpdate
 
 # variant → (model options, objective); REPA uses stand-in encoder targets (no DINOv2 forward).
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -54,8 +55,8 @@ PARTS = ("train", "loss", "optimizer", "sampler", "inception")
 @dataclass(frozen=True)
 class StepSettings:
     """How a training step is run: device, per-device batch, autocast dtype (None: bf16 on
-    CUDA, fp32 elsewhere), compilation, and whether the diversity statistics come from the
-    Triton kernels."""
+    CUDA, fp32 elsewhere), compilation, whether the diversity statistics come from the Triton
+    kernels and whether the parameter update is the compiled one (:mod:`.update`)."""
 
     device: str = "cpu"
     batch: int = 32
@@ -64,6 +65,7 @@ class StepSettings:
     compile_mode: str = "default"
     compile_scope: str = "model"
     diversity_triton: bool = False
+    compile_update: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype is None:
@@ -87,6 +89,7 @@ class StepResult:
     profile: dict[str, Any] | None = None  # where the time goes (``--profile``)
     diversity_triton: bool = False
     page_faults: float | None = None  # median minor page faults per step (host memory)
+    compile_update: bool = False
 
 
 def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, ObjectiveConfig]:
@@ -193,7 +196,8 @@ def prepare_train_step(
     size: str, variant: str, settings: StepSettings = StepSettings()
 ) -> tuple[Callable[[], None], float | None]:
     """One optimiser step as the trainer runs it (loss, backward, clip 1.0, fused AdamW on CUDA,
-    EMA) as a closure, and its model FLOPs (counted on CUDA, else None).
+    EMA; or these three as :class:`~.update.CompiledUpdate` with ``settings.compile_update``) as
+    a closure, and its model FLOPs (counted on CUDA, else None).
 
     ``settings.compile_model`` compiles the model (with ``compile_mode``, as one graph or per
     block, see ``compile_scope``) and the diversity loss, as the trainer does on CUDA.
@@ -201,10 +205,7 @@ def prepare_train_step(
     device, batch = settings.device, settings.batch
     torch.manual_seed(0)
     model, obj = build(size, variant, device)
-    ema = [p.detach().clone() for p in model.parameters()]
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.startswith("cuda")
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=fused)
+    opt, update = _update(model, device, settings.compile_update)
     cfg = model.config
     x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
@@ -219,11 +220,8 @@ def prepare_train_step(
                 triton=settings.diversity_triton,
             )  # fmt: skip
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
+        update()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, list(model.parameters()), 1 - 0.9999)
 
     flops = None
     if device.startswith("cuda"):
@@ -240,6 +238,27 @@ def prepare_train_step(
     return partial(step, torch.compile(model, mode=settings.compile_mode), True), flops
 
 
+def _update(
+    model: torch.nn.Module, device: str, compiled: bool
+) -> tuple[torch.optim.AdamW, Callable[[], Any]]:
+    """The trainer's optimiser (fused AdamW on CUDA, over every parameter) and its update from
+    the gradients: clip to norm 1, AdamW step, EMA (decay 0.9999) as library calls, or as one
+    :class:`~.update.CompiledUpdate` when ``compiled``."""
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=device.startswith("cuda"))
+    if compiled:
+        return opt, CompiledUpdate(opt, ema, max_norm=1.0, ema_decay=0.9999)
+
+    def update() -> None:
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1 - 0.9999)
+
+    return opt, update
+
+
 def _result(
     size: str, variant: str, settings: StepSettings, times: list[float], flops: float | None,
     peak: float | None, faults: list[int],
@@ -251,7 +270,7 @@ def _result(
     return StepResult(
         size, variant, st.device, st.dtype, st.batch, st.compile_model, st.batch / median,
         1e3 * median, peak, flops, mfu, diversity_triton=st.diversity_triton,
-        page_faults=statistics.median(faults),
+        page_faults=statistics.median(faults), compile_update=st.compile_update,
     )  # fmt: skip
 
 
@@ -393,10 +412,13 @@ def bench_inception(
     }  # fmt: skip
 
 
-def bench_optimizer(size: str, *, device: str = "cpu", steps: int = 10) -> dict[str, Any]:
-    """The parameter-update part of a training step at a model size, piece by piece (ms): fused
-    AdamW (on CUDA), gradient clipping, EMA, and each pass alone; ``flat_*`` times the same
-    bytes as one contiguous tensor, the headroom a flat parameter buffer would give."""
+def bench_optimizer(
+    size: str, *, device: str = "cpu", steps: int = 10, compile_update: bool = False
+) -> dict[str, Any]:
+    """The parameter-update part of a training step at a model size (ms): the whole update as
+    the trainer runs it (``update_ms``; with ``compile_update`` also ``compiled_update_ms``),
+    then piece by piece: fused AdamW (on CUDA), gradient clipping, EMA, and each pass alone;
+    ``flat_*`` times the same bytes as one contiguous tensor (a flat buffer's headroom)."""
     torch.manual_seed(0)
     model, _ = build(size, "sit", device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -412,8 +434,11 @@ def bench_optimizer(size: str, *, device: str = "cpu", steps: int = 10) -> dict[
     def ms(fn: Callable[[], Any]) -> float:
         return 1e3 * statistics.median(_time(fn, device, 2, steps))
 
-    return {
-        "size": size, "device": device, "params": count, "tensors": len(params),
+    out = {"size": size, "device": device, "params": count, "tensors": len(params)}
+    out["update_ms"] = ms(_update(model, device, False)[1])
+    if compile_update:
+        out["compiled_update_ms"] = ms(_update(model, device, True)[1])
+    return out | {
         "adamw_step_ms": ms(opt.step),
         "clip_grad_norm_ms": ms(lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True)),
         "ema_lerp_ms": ms(lambda: torch._foreach_lerp_(ema, params, 1e-4)),
@@ -499,6 +524,7 @@ def run(
     compile_scope: str = "model",
     profile: bool = False,
     diversity_triton: bool = False,
+    compile_update: bool = False,
 ) -> dict[str, Any]:
     """Benchmark ``parts`` (train, loss, optimizer, sampler, inception) for every size; writes
     the JSON after each measurement. ``interleave`` (default: on CPU) times the training variants
@@ -506,8 +532,9 @@ def run(
     the CPU, freed memory stays in the process as in CPU training (:mod:`.host_memory`)."""
     interleave = device == "cpu" if interleave is None else interleave
     step_settings = StepSettings(
-        device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton
-    )
+        device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton,
+        compile_update,
+    )  # fmt: skip
     dtype = step_settings.dtype
     check_options(
         parts, compile_mode, compile_scope, device=device, diversity_triton=diversity_triton
@@ -517,7 +544,7 @@ def run(
         "compile_mode": compile_mode if compile_model else None,
         "compile_scope": compile_scope if compile_model else None, "steps": steps,
         "interleave": interleave, "parts": list(parts), "profile": profile,
-        "diversity_triton": diversity_triton,
+        "diversity_triton": diversity_triton, "compile_update": compile_update,
         "keep_freed_memory": torch.device(device).type == "cpu" and keep_freed_memory(),
     }  # fmt: skip
     report: dict[str, Any] = {
@@ -564,10 +591,13 @@ def run(
             print(f"{size:>5} diversity loss {impl:>9} {r['fwd_bwd_ms']:8.2f} ms", flush=True)
             save()
         if "optimizer" in parts:
-            r = bench_optimizer(size, device=device, steps=steps)
+            r = bench_optimizer(size, device=device, steps=steps, compile_update=compile_update)
             report["optimizer"].append(r)
+            compiled = r.get("compiled_update_ms")
             print(
-                f"{size:>5} update: AdamW {r['adamw_step_ms']:.2f} ms, clip "
+                f"{size:>5} update {r['update_ms']:.2f} ms"
+                + (f" (compiled {compiled:.2f} ms)" if compiled is not None else "")
+                + f": AdamW {r['adamw_step_ms']:.2f} ms, clip "
                 f"{r['clip_grad_norm_ms']:.2f} ms, EMA {r['ema_lerp_ms']:.2f} ms",
                 flush=True,
             )

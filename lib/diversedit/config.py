@@ -256,7 +256,7 @@ class PrecisionConfig:
     :mod:`~diversedit.losses.diversity_triton` (CUDA; experimental, off by default until timed).
     ``compile_update`` runs gradient clipping, AdamW and the EMA as one compiled function
     (:class:`~diversedit.update.CompiledUpdate`, same mathematics in two passes over the
-    parameters instead of six; bf16 or no mixed precision, since fp16's gradient scaler skips
+    parameters instead of four; bf16 or no mixed precision, since fp16's gradient scaler skips
     steps; off by default until timed on a GPU).
     None of these five enters the run hash.
     """

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def _foreach_update(
@@ -71,7 +72,8 @@ class CompiledUpdate:
     ``optimizer`` is a one-group ``torch.optim.AdamW`` (plain: no amsgrad, maximize or
     differentiable); its state is created as the fused AdamW creates it (``step`` a float32
     tensor on the parameter's device, zero moments) and updated in place. ``ema`` holds the EMA
-    tensors in the order of the parameters. ``compiled=False`` runs the same function eagerly.
+    tensors in the order of the parameters. ``compiled=False`` runs the same function eagerly, as
+    does a call under a dispatch mode (e.g. FLOP counting), which compiled code does not enter.
     Hyperparameters are read at every call and compiled in as constants (a changed ``lr``
     recompiles).
     """
@@ -129,7 +131,8 @@ class CompiledUpdate:
         if not live[0]:
             raise ValueError("CompiledUpdate: no parameter has a gradient")
         beta1, beta2 = group["betas"]
-        return self.fn(
+        fn = _foreach_update if _get_current_dispatch_mode() is not None else self.fn
+        return fn(
             *live, *frozen,
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], max_norm=self.max_norm,
