@@ -57,7 +57,7 @@ gpu-check:
 	nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $(GPU_OUT)/gpu.txt
 	-timeout 120 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton or update" \
 		tests/test_gpu.py 2>&1 | tee $(GPU_OUT)/tests_new.log
-	-timeout 120 $(BENCH) --sizes XL/2 --parts optimizer --compile-update \
+	-timeout 150 $(BENCH) --sizes XL/2 --parts optimizer --compile-update \
 		--out $(GPU_OUT)/xl_update.json
 	-timeout 60 $(BENCH) --sizes XL/2 --parts loss --profile --out $(GPU_OUT)/xl_loss.json
 	-timeout 200 $(BENCH) --sizes XL/2 --variants sit,diversity \

@@ -346,16 +346,18 @@ def test_diversity_triton_trains_like_the_eager_loss(tmp_path, monkeypatch):
         trainer(config(tmp_path / "cpu", "digits_diversedit.yaml", **extra))
 
 
-def test_compiled_update_trains_like_the_library_update(tmp_path, monkeypatch):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_compiled_update_trains_like_the_library_update(tmp_path, monkeypatch, accum):
     """precision.compile_update: clip, AdamW and EMA as one function give the library
-    sequence's grad norms, weights, EMA and optimiser state (clipping active, weight decay on);
-    its checkpoints resume without it, and the other way round (torch.compile stubbed here:
-    tests/test_update.py compiles the function)."""
+    sequence's grad norms, weights, EMA and optimiser state (clipping active, weight decay on,
+    with and without gradient accumulation); its checkpoints resume without it, and the other
+    way round (torch.compile stubbed here: tests/test_update.py compiles the function)."""
     import json
 
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__name__) or fn)
-    extra = {"optim.max_steps": 4, "optim.grad_clip": 0.05, "optim.weight_decay": 0.1}
+    extra = {"optim.max_steps": 4, "optim.grad_clip": 0.05, "optim.weight_decay": 0.1,
+             "optim.grad_accum": accum}  # fmt: skip
     ref = trainer(config(tmp_path / "ref", **extra))
     ref.fit()
     runs = []

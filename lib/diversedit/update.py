@@ -124,9 +124,8 @@ class CompiledUpdate:
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             elif s["step"].device != p.device:  # a state saved by the unfused AdamW
                 s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
-            for out, t in zip(
-                live, (p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"], e), strict=True
-            ):
+            tensors = (p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"], e)
+            for out, t in zip(live, tensors, strict=True):
                 out.append(t)
         if not live[0]:
             raise ValueError("CompiledUpdate: no parameter has a gradient")
