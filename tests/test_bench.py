@@ -77,6 +77,7 @@ def test_bench_times_the_compiled_update(tmp_path, monkeypatch):
     assert row["compile_update"] and report["settings"]["compile_update"]
     (update,) = report["optimizer"]
     assert update["compiled_update_ms"] > 0 and update["update_ms"] > 0
+    assert update["compiled_update_first_call_s"] > 0
     assert compiled == ["_foreach_update"] * 2  # the step's and the optimizer part's
 
 
