@@ -417,9 +417,9 @@ def bench_optimizer(
 ) -> dict[str, Any]:
     """The parameter-update part of a training step at a model size (ms): the whole update as
     the trainer runs it (``update_ms``; with ``compile_update`` also ``compiled_update_ms`` and
-    the seconds its first call takes, compilation included),
-    then piece by piece: fused AdamW (on CUDA), gradient clipping, EMA, and each pass alone;
-    ``flat_*`` times the same bytes as one contiguous tensor (a flat buffer's headroom)."""
+    the seconds of its first call, compilation included), then piece by piece: fused AdamW (on
+    CUDA), gradient clipping, EMA, and each pass alone; ``flat_*`` times the same bytes as one
+    contiguous tensor (a flat buffer's headroom)."""
     torch.manual_seed(0)
     model, _ = build(size, "sit", device)
     params = [p for p in model.parameters() if p.requires_grad]
