@@ -184,8 +184,8 @@ def test_training_step_has_no_host_sync(compiled, triton):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_digits_training_sampling_and_evaluation_on_cuda(tmp_path, precision):
-    """The trainer's CUDA path (compiled model and loss, fused AdamW, grad scaler, TF32; the
-    compiled update with bf16), then sampling and metrics."""
+    """The trainer's CUDA path (compiled model and loss, fused AdamW, grad scaler, TF32), then
+    sampling and metrics."""
     import json
     from pathlib import Path
 
@@ -202,7 +202,6 @@ def test_digits_training_sampling_and_evaluation_on_cuda(tmp_path, precision):
         "results_dir": str(tmp_path), "precision.mixed_precision": precision,
         "model.long_skip": True, "objective.diversity.pairs": "star", "optim.max_steps": 4,
         "checkpoint.every": 2, "logging.log_every": 2, "logging.tensorboard": False,
-        "precision.compile_update": precision == "bf16",
     }  # fmt: skip
     AcceleratorState._reset_state(True)
     trainer = Trainer(load_config(root / "params/train/digits_sit.yaml", overrides))
