@@ -49,7 +49,8 @@ bench: setup
 # loss), compiled steps of SiT and of the diversity loss with the Inductor statistics, then with
 # the Triton ones, and the compiled parameter update against the library one (at B/2: its
 # compilation takes about a second per parameter tensor, 131 there, 291 at XL/2). The parts'
-# limits add up to more than 10 minutes: the last (tests run before) may be cut.
+# limits add up to more than 10 minutes, so the last part (CUDA tests an earlier session ran)
+# may be cut.
 GPU_PY  ?= $(BIN)/python
 GPU_OUT ?= results/bench/gpu-check
 BENCH   := $(GPU_PY) -m diversedit bench --device cuda --batch 32 --steps 10
