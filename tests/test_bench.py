@@ -61,29 +61,54 @@ def test_bench_times_steps_with_the_triton_statistics(tmp_path, monkeypatch):
     assert not out.exists()
 
 
-def test_bench_times_the_compiled_update(tmp_path, monkeypatch):
-    """``--compile-update``: the steps take the compiled update (torch.compile stubbed: on the
-    CPU compiling the tiny model's 132 tensors takes minutes) and the optimizer part times it
-    next to the library update."""
+@pytest.mark.parametrize(
+    "update", ["compiled", pytest.param("triton", marks=pytest.mark.triton_interpreted)]
+)
+def test_bench_times_the_fused_update(update, tmp_path, monkeypatch):
+    """``--update compiled|triton``: the steps take the fused update and the optimizer part
+    times it next to the library update. Both run the eager function here (on the CPU
+    torch.compile takes minutes for the tiny model's 132 tensors and Triton's interpreter
+    about ten seconds per update; tests/test_update.py checks both for real). Where the
+    kernels cannot run, the command stops before building anything."""
     import torch
+
+    import diversedit.update_triton as kernels
+    from diversedit.update import _foreach_update
 
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__name__) or fn)
+    monkeypatch.setattr(
+        kernels.TritonUpdate, "__call__", lambda self, *a, **kw: compiled.append("triton")
+        or _foreach_update(*a, **kw)
+    )  # fmt: skip
     out = tmp_path / "bench.json"
-    main(["bench", "--sizes", "tiny", "--variants", "sit", "--batch", "2", "--steps", "1",
-          "--parts", "train,optimizer", "--compile-update", "--out", str(out)])  # fmt: skip
+    args = ["bench", "--sizes", "tiny", "--variants", "sit", "--batch", "2", "--steps", "1",
+            "--parts", "train,optimizer", "--update", update, "--out", str(out)]  # fmt: skip
+    main(args)
     report = json.loads(out.read_text())
     (row,) = report["train_step"]
-    assert row["compile_update"] and report["settings"]["compile_update"]
-    (update,) = report["optimizer"]
-    assert update["compiled_update_ms"] > 0 and update["update_ms"] > 0
-    assert update["compiled_update_first_call_s"] > 0
-    assert compiled == ["_foreach_update"] * 2  # the step's and the optimizer part's
+    assert row["update"] == report["settings"]["update"] == update
+    (timed,) = report["optimizer"]
+    assert timed[f"{update}_update_ms"] > 0 and timed["update_ms"] > 0
+    assert timed[f"{update}_update_first_call_s"] > 0
+    name = {"compiled": "_foreach_update", "triton": "triton"}[update]
+    assert compiled == [name] * len(compiled) and len(compiled) >= 2  # steps, optimizer part
+    if update == "triton":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        out.unlink()
+        with pytest.raises(SystemExit, match="--update triton needs a CUDA device"):
+            main(args)
+        assert not out.exists()
 
 
 @pytest.mark.parametrize(
     "flag",
-    [["--parts", "train,speed"], ["--compile-mode", "fastest"], ["--compile-scope", "layers"]],
+    [
+        ["--parts", "train,speed"],
+        ["--compile-mode", "fastest"],
+        ["--compile-scope", "layers"],
+        ["--update", "apex"],
+    ],
 )
 def test_bench_cli_rejects_unknown_choices(flag, tmp_path):
     out = tmp_path / "bench.json"
@@ -101,5 +126,6 @@ def test_kernel_classes():
         "attention"
     )
     assert kernel_class("void at::native::(anonymous)::fused_adamw_kernel") == "optimizer"
+    assert kernel_class("grad_squares") == kernel_class("adamw_ema") == "optimizer"  # Triton
     assert kernel_class("triton_per_fused_add_mul_native_layer_norm_3") == "compiled"
     assert kernel_class("void at::native::vectorized_elementwise_kernel<4>") == "other"

@@ -220,7 +220,7 @@ def test_hash_identity():
         ("precision.compile_mode", "max-autotune"),
         ("precision.compile_scope", "blocks"),
         ("precision.diversity_triton", True),
-        ("precision.compile_update", True),
+        ("precision.update", "triton"),
     ]:
         assert changed(dotted, value) == h, dotted
 

@@ -344,14 +344,24 @@ def test_diversity_triton_trains_like_the_eager_loss(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match=r"precision\.diversity_triton: the Triton kernels need"):
         trainer(config(tmp_path / "cpu", "digits_diversedit.yaml", **extra))
+    with pytest.raises(ValueError, match=r"precision\.update: the Triton kernels need"):
+        trainer(config(tmp_path / "cpu2", **{"precision.update": "triton"}))
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_compiled_update_trains_like_the_library_update(tmp_path, monkeypatch, accum):
-    """precision.compile_update: clip, AdamW and EMA as one function give the library
+@pytest.mark.parametrize(
+    ("impl", "accum"),
+    [
+        ("compiled", 1),
+        ("compiled", 2),
+        pytest.param("triton", 2, marks=pytest.mark.triton_interpreted),
+    ],
+)
+def test_fused_update_trains_like_the_library_update(tmp_path, monkeypatch, impl, accum):
+    """precision.update compiled / triton: clip, AdamW and EMA fused give the library
     sequence's grad norms, weights, EMA and optimiser state (clipping active, weight decay on,
-    with and without gradient accumulation); its checkpoints resume without it, and the other
-    way round (torch.compile stubbed here: tests/test_update.py compiles the function)."""
+    with and without gradient accumulation); its checkpoints resume with the library update,
+    and the other way round (torch.compile stubbed here: tests/test_update.py compiles the
+    function; the Triton kernels run in Triton's interpreter)."""
     import json
 
     compiled = []
@@ -363,13 +373,14 @@ def test_compiled_update_trains_like_the_library_update(tmp_path, monkeypatch, a
     runs = []
     for first in (True, False):  # 2 steps with the switch then 2 without, and the reverse
         path = tmp_path / str(first)
-        tr = trainer(config(path, **extra | {"precision.compile_update": first}))
+        choice = {True: impl, False: "library"}
+        tr = trainer(config(path, **extra | {"precision.update": choice[first]}))
         assert (tr.update is not None) == first
         tr.fit(2)
-        tr = trainer(config(path, **extra | {"precision.compile_update": not first}))
+        tr = trainer(config(path, **extra | {"precision.update": choice[not first]}))
         assert tr.step == 2
         runs.append(tr.fit())
-    assert compiled == ["_foreach_update"] * 2
+    assert compiled == ["_foreach_update"] * 2 * (impl == "compiled")
     want = [json.loads(line) for line in (ref.run_dir / "log.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"] > 0.05 for r in want)  # the clipping is active
     a, _ = load_latest(ref.run_dir / "checkpoints")
@@ -401,7 +412,7 @@ def test_resume_may_change_how_a_run_executes_not_what_it_trains(tmp_path):
     assert [s["step"] for s in starts] == [0, 2]
     assert all(s["precision"]["mixed_precision"] == "no" for s in starts)
     saved = json.loads((run / "config.json").read_text())
-    del saved["precision"]["compile_update"]  # as versions without that setting wrote it
+    del saved["precision"]["update"]  # as versions without that setting wrote it
     (run / "config.json").write_text(json.dumps(saved))
     assert trainer(config(tmp_path, **{"optim.max_steps": 4})).fit() == run
     saved["seed"] = 1

@@ -23,7 +23,7 @@ def _bench(args: argparse.Namespace) -> None:
     try:
         check_options(
             parts, args.compile_mode, args.compile_scope,
-            device=args.device, diversity_triton=args.diversity_triton,
+            device=args.device, diversity_triton=args.diversity_triton, update=args.update,
         )  # fmt: skip
     except ValueError as err:
         raise SystemExit(f"diversedit bench: {err}") from None
@@ -42,7 +42,7 @@ def _bench(args: argparse.Namespace) -> None:
         compile_scope=args.compile_scope,
         profile=args.profile,
         diversity_triton=args.diversity_triton,
-        compile_update=args.compile_update,
+        update=args.update,
     )
 
 
@@ -194,10 +194,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="training steps compute the diversity statistics with the Triton kernels (CUDA)",
     )
     bench.add_argument(
-        "--compile-update",
-        action="store_true",
-        help="training steps clip, step AdamW and update the EMA in one compiled function; "
-        "the optimizer part times it against the library update",
+        "--update",
+        default="library",
+        help="how training steps clip, step AdamW and update the EMA: library, or fused into "
+        "two passes by torch.compile (compiled) or Triton kernels (triton, CUDA); the optimizer "
+        "part times a fused one against the library update",
     )
     bench.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     bench.add_argument(

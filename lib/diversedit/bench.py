@@ -22,16 +22,17 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import COMPILE_MODES, COMPILE_SCOPES
+from .config import COMPILE_MODES, COMPILE_SCOPES, UPDATES
 from .files import git_revision
 from .host_memory import keep_freed_memory
-from .losses.diversity import DiversityConfig, diversity_loss, triton_runs_on
+from .losses.diversity import DiversityConfig, diversity_loss
 from .losses.objective import ObjectiveConfig, compute_loss
 from .losses.repa import RepaConfig
 from .models import create_model, model_config
 from .models.sit import SiTConfig
 from .sampling import euler_maruyama_sampler
-from .update import CompiledUpdate
+from .triton_support import triton_runs_on
+from .update import FusedUpdate
 
 # variant → (model options, objective); REPA uses stand-in encoder targets (no DINOv2 forward).
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -65,7 +66,7 @@ class StepSettings:
     compile_mode: str = "default"
     compile_scope: str = "model"
     diversity_triton: bool = False
-    compile_update: bool = False
+    update: str = "library"
 
     def __post_init__(self) -> None:
         if self.dtype is None:
@@ -89,7 +90,7 @@ class StepResult:
     profile: dict[str, Any] | None = None  # where the time goes (``--profile``)
     diversity_triton: bool = False
     page_faults: float | None = None  # median minor page faults per step (host memory)
-    compile_update: bool = False
+    update: str = "library"  # how clip, AdamW and EMA ran (``precision.update``)
 
 
 def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, ObjectiveConfig]:
@@ -103,7 +104,7 @@ def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, Object
 KERNEL_CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "cublas", "splitk", "triton_tem")),
-    ("optimizer", ("adam", "multi_tensor", "foreach", "lerp")),  # AdamW, clip norm, EMA
+    ("optimizer", ("adam", "multi_tensor", "foreach", "lerp", "grad_squares")),  # + update_triton
     ("compiled", ("triton",)),  # Inductor's fused elementwise and reduction kernels
 )
 
@@ -196,7 +197,7 @@ def prepare_train_step(
     size: str, variant: str, settings: StepSettings = StepSettings()
 ) -> tuple[Callable[[], None], float | None]:
     """One optimiser step as the trainer runs it (loss, backward, clip 1.0, fused AdamW on CUDA,
-    EMA; or these three as :class:`~.update.CompiledUpdate` with ``settings.compile_update``) as
+    EMA; or these three as a :class:`~.update.FusedUpdate` with ``settings.update``) as
     a closure, and its model FLOPs (counted on CUDA, else None).
 
     ``settings.compile_model`` compiles the model (with ``compile_mode``, as one graph or per
@@ -205,7 +206,7 @@ def prepare_train_step(
     device, batch = settings.device, settings.batch
     torch.manual_seed(0)
     model, obj = build(size, variant, device)
-    opt, update = _update(model, device, settings.compile_update)
+    opt, update = _update(model, device, settings.update)
     cfg = model.config
     x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
@@ -239,16 +240,16 @@ def prepare_train_step(
 
 
 def _update(
-    model: torch.nn.Module, device: str, compiled: bool
+    model: torch.nn.Module, device: str, impl: str
 ) -> tuple[torch.optim.AdamW, Callable[[], Any]]:
     """The trainer's optimiser (fused AdamW on CUDA, over every parameter) and its update from
-    the gradients: clip to norm 1, AdamW step, EMA (decay 0.9999) as library calls, or as one
-    :class:`~.update.CompiledUpdate` when ``compiled``."""
+    the gradients: clip to norm 1, AdamW step, EMA (decay 0.9999) as ``library`` calls, or as a
+    :class:`~.update.FusedUpdate` (``impl`` ``compiled`` or ``triton``)."""
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=device.startswith("cuda"))
-    if compiled:
-        return opt, CompiledUpdate(opt, ema, max_norm=1.0, ema_decay=0.9999)
+    if impl != "library":
+        return opt, FusedUpdate(opt, ema, max_norm=1.0, ema_decay=0.9999, impl=impl)
 
     def update() -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
@@ -270,7 +271,7 @@ def _result(
     return StepResult(
         size, variant, st.device, st.dtype, st.batch, st.compile_model, st.batch / median,
         1e3 * median, peak, flops, mfu, diversity_triton=st.diversity_triton,
-        page_faults=statistics.median(faults), compile_update=st.compile_update,
+        page_faults=statistics.median(faults), update=st.update,
     )  # fmt: skip
 
 
@@ -413,10 +414,10 @@ def bench_inception(
 
 
 def bench_optimizer(
-    size: str, *, device: str = "cpu", steps: int = 10, compile_update: bool = False
+    size: str, *, device: str = "cpu", steps: int = 10, update: str = "library"
 ) -> dict[str, Any]:
     """The parameter-update part of a training step at a model size (ms): the whole update as
-    the trainer runs it (``update_ms``; with ``compile_update`` also ``compiled_update_ms`` and
+    the trainer runs it (``update_ms``; with a fused ``update`` also ``{update}_update_ms`` and
     the seconds of its first call, compilation included), then piece by piece: fused AdamW (on
     CUDA), gradient clipping, EMA, and each pass alone; ``flat_*`` times the same bytes as one
     contiguous tensor (a flat buffer's headroom)."""
@@ -436,12 +437,12 @@ def bench_optimizer(
         return 1e3 * statistics.median(_time(fn, device, 2, steps))
 
     out = {"size": size, "device": device, "params": count, "tensors": len(params)}
-    out["update_ms"] = ms(_update(model, device, False)[1])
-    if compile_update:
-        update = _update(model, device, True)[1]
-        (first,) = _time(update, device, 0, 1)  # compiles: ~1 s per tensor on a 2-core CPU
-        out["compiled_update_first_call_s"] = first
-        out["compiled_update_ms"] = ms(update)
+    out["update_ms"] = ms(_update(model, device, "library")[1])
+    if update != "library":
+        fused = _update(model, device, update)[1]
+        (first,) = _time(fused, device, 0, 1)  # compiled: ~1 s per tensor on a 2-core CPU
+        out[f"{update}_update_first_call_s"] = first
+        out[f"{update}_update_ms"] = ms(fused)
     return out | {
         "adamw_step_ms": ms(opt.step),
         "clip_grad_norm_ms": ms(lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True)),
@@ -495,10 +496,10 @@ def machine() -> dict[str, Any]:
 
 def check_options(
     parts: Sequence[str], compile_mode: str, compile_scope: str = "model", *,
-    device: str = "cpu", diversity_triton: bool = False,
+    device: str = "cpu", diversity_triton: bool = False, update: str = "library",
 ) -> None:  # fmt: skip
-    """ValueError for an unknown part, compile mode or scope, or Triton kernels on a device
-    that cannot run them, before anything is built."""
+    """ValueError for an unknown part, compile mode, scope or update, or Triton kernels on a
+    device that cannot run them, before anything is built."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown bench parts {unknown}; choose from {PARTS}")
@@ -506,10 +507,14 @@ def check_options(
         raise ValueError(f"unknown compile mode {compile_mode!r}; choose from {COMPILE_MODES}")
     if compile_scope not in COMPILE_SCOPES:
         raise ValueError(f"unknown compile scope {compile_scope!r}; choose from {COMPILE_SCOPES}")
-    if diversity_triton and not triton_runs_on(torch.device(device)):
-        raise ValueError(
-            f"--diversity-triton needs a CUDA device, not {device} (or TRITON_INTERPRET=1)"
-        )
+    if update not in UPDATES:
+        raise ValueError(f"unknown update {update!r}; choose from {UPDATES}")
+    for flag, on in (
+        ("--diversity-triton", diversity_triton),
+        ("--update triton", update == "triton"),
+    ):
+        if on and not triton_runs_on(torch.device(device)):
+            raise ValueError(f"{flag} needs a CUDA device, not {device} (or TRITON_INTERPRET=1)")
 
 
 def run(
@@ -528,7 +533,7 @@ def run(
     compile_scope: str = "model",
     profile: bool = False,
     diversity_triton: bool = False,
-    compile_update: bool = False,
+    update: str = "library",
 ) -> dict[str, Any]:
     """Benchmark ``parts`` (train, loss, optimizer, sampler, inception) for every size; writes
     the JSON after each measurement. ``interleave`` (default: on CPU) times the training variants
@@ -536,19 +541,19 @@ def run(
     the CPU, freed memory stays in the process as in CPU training (:mod:`.host_memory`)."""
     interleave = device == "cpu" if interleave is None else interleave
     step_settings = StepSettings(
-        device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton,
-        compile_update,
+        device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton, update
     )  # fmt: skip
     dtype = step_settings.dtype
     check_options(
-        parts, compile_mode, compile_scope, device=device, diversity_triton=diversity_triton
-    )
+        parts, compile_mode, compile_scope, device=device, diversity_triton=diversity_triton,
+        update=update,
+    )  # fmt: skip
     settings = {
         "device": device, "batch": batch, "dtype": dtype, "compile": compile_model,
         "compile_mode": compile_mode if compile_model else None,
         "compile_scope": compile_scope if compile_model else None, "steps": steps,
         "interleave": interleave, "parts": list(parts), "profile": profile,
-        "diversity_triton": diversity_triton, "compile_update": compile_update,
+        "diversity_triton": diversity_triton, "update": update,
         "keep_freed_memory": torch.device(device).type == "cpu" and keep_freed_memory(),
     }  # fmt: skip
     report: dict[str, Any] = {
@@ -595,12 +600,12 @@ def run(
             print(f"{size:>5} diversity loss {impl:>9} {r['fwd_bwd_ms']:8.2f} ms", flush=True)
             save()
         if "optimizer" in parts:
-            r = bench_optimizer(size, device=device, steps=steps, compile_update=compile_update)
+            r = bench_optimizer(size, device=device, steps=steps, update=update)
             report["optimizer"].append(r)
-            compiled = r.get("compiled_update_ms")
+            fused = r.get(f"{update}_update_ms")
             print(
                 f"{size:>5} update {r['update_ms']:.2f} ms"
-                + (f" (compiled {compiled:.2f} ms)" if compiled is not None else "")
+                + (f" ({update} {fused:.2f} ms)" if fused is not None else "")
                 + f": AdamW {r['adamw_step_ms']:.2f} ms, clip "
                 f"{r['clip_grad_norm_ms']:.2f} ms, EMA {r['ema_lerp_ms']:.2f} ms",
                 flush=True,

@@ -63,6 +63,7 @@ DATA_KINDS = ("imagenet_latents", "digits")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_SCOPES = ("model", "blocks")
+UPDATES = ("library", "compiled", "triton")  # precision.update: how clip, AdamW and EMA run
 LATENT_DOWNSAMPLE, LATENT_CHANNELS, IMAGENET_CLASSES = 8, 4, 1000
 DIGITS_SIZE, DIGITS_CLASSES = 8, 10
 DINOV2_PATCH_PIXELS = 16  # REPA feeds 224·(res/256) px to a /14 ViT: res/16 tokens per side
@@ -80,7 +81,7 @@ HASH_EXCLUDED = (
     "precision.compile_mode",
     "precision.compile_scope",
     "precision.diversity_triton",
-    "precision.compile_update",
+    "precision.update",
 )
 _SLUG = re.compile(r"[a-z0-9._-]+")
 _MODEL_CHOICES = {
@@ -254,11 +255,13 @@ class PrecisionConfig:
     blocks share one compiled graph, so compiling takes seconds instead of a minute).
     ``diversity_triton`` computes the diversity statistics with the Triton kernels of
     :mod:`~diversedit.losses.diversity_triton` (CUDA; experimental, off by default until timed).
-    ``compile_update`` runs gradient clipping, AdamW and the EMA as one compiled function
-    (:class:`~diversedit.update.CompiledUpdate`, same mathematics in two passes over the
-    parameters instead of four; bf16 or no mixed precision, since fp16's gradient scaler skips
-    steps; off by default until timed on a GPU).
-    None of these five enters the run hash.
+    ``update`` runs gradient clipping, AdamW and the EMA as the ``library`` does (three steps,
+    four passes over the parameters), or fused into two passes (:class:`~diversedit.update.
+    FusedUpdate`, same mathematics): ``compiled`` by ``torch.compile`` (minutes to compile at
+    XL/2) or ``triton`` kernels (CUDA; seconds). Fused updates need bf16 or no mixed precision,
+    since fp16's gradient scaler decides on the host whether to skip a step; ``library`` by
+    default until the fused ones are timed on a GPU.
+    None of these six enters the run hash.
     """
 
     mixed_precision: str = field(default="fp16", metadata={"choices": MIXED_PRECISION})
@@ -267,7 +270,7 @@ class PrecisionConfig:
     compile_mode: str = field(default="default", metadata={"choices": COMPILE_MODES})
     compile_scope: str = field(default="model", metadata={"choices": COMPILE_SCOPES})
     diversity_triton: bool = False
-    compile_update: bool = False
+    update: str = field(default="library", metadata={"choices": UPDATES})
 
     def compile_on(self, device: torch.device) -> bool:
         """Whether to compile on ``device`` (resolves the ``null`` default)."""
@@ -291,11 +294,12 @@ class PrecisionConfig:
             "compile_scope",
             _not_one_of(self.compile_scope, COMPILE_SCOPES),
         )
+        _check(self.update in UPDATES, "update", _not_one_of(self.update, UPDATES))
         _check(
-            not (self.compile_update and self.mixed_precision == "fp16"),
-            "compile_update",
-            "needs mixed_precision bf16 or no: with fp16 the gradient scaler decides on the host "
-            "whether to skip each step",
+            self.update == "library" or self.mixed_precision != "fp16",
+            "update",
+            f"{self.update!r} needs mixed_precision bf16 or no: with fp16 the gradient scaler "
+            "decides on the host whether to skip each step",
         )
 
 

@@ -29,10 +29,10 @@ from .config import hashed_part
 from .data.sampler import BatchOrder
 from .files import git_revision
 from .host_memory import keep_freed_memory
-from .losses.diversity import triton_runs_on
 from .losses.objective import compute_loss
 from .models import SiT
-from .update import CompiledUpdate
+from .triton_support import triton_runs_on
+from .update import FusedUpdate
 
 REQUEUE_EXIT_CODE = 85  # exit status after a SIGTERM/SIGUSR1 checkpoint: "requeue me"
 
@@ -153,11 +153,15 @@ class Trainer:
             project_dir=str(self.run_dir),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        if cfg.precision.diversity_triton and not triton_runs_on(acc.device):
-            raise ValueError(
-                f"precision.diversity_triton: the Triton kernels need a CUDA device, not "
-                f"{acc.device} (set it false, or TRITON_INTERPRET=1 to interpret them on the CPU)"
-            )
+        for key, on in (
+            ("diversity_triton", cfg.precision.diversity_triton),
+            ("update", cfg.precision.update == "triton"),
+        ):
+            if on and not triton_runs_on(acc.device):
+                raise ValueError(
+                    f"precision.{key}: the Triton kernels need a CUDA device, not {acc.device} "
+                    "(choose another setting, or TRITON_INTERPRET=1 to interpret them on the CPU)"
+                )
         if acc.device.type == "cpu":
             keep_freed_memory()  # no page faults for every step's temporaries
         if acc.device.type == "cuda" and cfg.precision.allow_tf32:
@@ -210,13 +214,14 @@ class Trainer:
             acc.unwrap_model(self.model).compile_blocks(prec.compile_mode)
         elif self.compiled:
             self.net = torch.compile(self.model, mode=prec.compile_mode)
-        self.update = None  # clip, AdamW, EMA as one compiled function
-        if prec.compile_update:
-            self.update = CompiledUpdate(
+        self.update = None  # clip, AdamW, EMA as one fused function
+        if prec.update != "library":
+            self.update = FusedUpdate(
                 self.optimizer,
                 list(self.ema.parameters()),
                 max_norm=opt.grad_clip,
                 ema_decay=opt.ema_decay,
+                impl=prec.update,
             )
 
     # --- state -----------------------------------------------------------------------------

@@ -1,20 +1,25 @@
-"""The parameter update of a training step as one compiled function: clipping, AdamW, EMA.
+"""The parameter update of a training step as one fused function: clipping, AdamW, EMA.
 
 The release runs three library steps over every parameter tensor: ``clip_grad_norm_`` (a norm
 pass, then a pass that rescales the gradients in place), ``AdamW.step`` and the EMA lerp, each a
 separate pass over the fp32 parameters, gradients and state (about 12 ms per SiT-XL/2 step on an
-H200, NOTES entry 7). :class:`CompiledUpdate` writes the same mathematics as one function of
-``torch._foreach_*`` operations that ``torch.compile`` fuses: a norm pass over the gradients,
-then one pass that reads gradient, parameter, moments and EMA once and writes each once (the
-clipped gradient is never written back). The optimiser keeps owning the state, so checkpoints
-are the same either way and a run may resume with or without it.
+H200, NOTES entry 7). :class:`FusedUpdate` writes the same mathematics as one function of
+``torch._foreach_*`` operations that ``torch.compile`` fuses, or runs it as two Triton kernels
+(:mod:`.update_triton`, which build in seconds where Inductor takes minutes): a norm pass over
+the gradients, then one pass that reads gradient, parameter, moments and EMA once and writes
+each once (the clipped gradient is never written back). The optimiser keeps owning the state,
+so checkpoints are the same either way and a run may resume with or without it.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .triton_support import triton_runs_on
 
 
 def _foreach_update(
@@ -66,7 +71,10 @@ def _foreach_update(
     return norm
 
 
-class CompiledUpdate:
+UPDATE_IMPLS = ("compiled", "triton", "eager")
+
+
+class FusedUpdate:
     """One optimiser step of ``optimizer``'s parameters: clip, AdamW, EMA (:func:`_foreach_update`).
 
     ``optimizer`` is a one-group ``torch.optim.AdamW`` (plain: no amsgrad, maximize or
@@ -85,25 +93,34 @@ class CompiledUpdate:
         *,
         max_norm: float,
         ema_decay: float,
-        compiled: bool = True,
+        impl: Literal["compiled", "triton", "eager"] = "compiled",
     ) -> None:
         self.optimizer = opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
         if not isinstance(opt, torch.optim.AdamW) or len(opt.param_groups) != 1:
-            raise ValueError("CompiledUpdate needs a torch.optim.AdamW with one parameter group")
+            raise ValueError("FusedUpdate needs a torch.optim.AdamW with one parameter group")
         group = opt.param_groups[0]
         odd = [k for k in ("amsgrad", "maximize", "differentiable") if group.get(k)]
         if odd:
-            raise ValueError(f"CompiledUpdate implements plain AdamW, not {odd}")
+            raise ValueError(f"FusedUpdate implements plain AdamW, not {odd}")
         if len(ema) != len(group["params"]):
             raise ValueError(
-                f"CompiledUpdate: {len(ema)} EMA tensors for {len(group['params'])} parameters"
+                f"FusedUpdate: {len(ema)} EMA tensors for {len(group['params'])} parameters"
             )
+        if impl not in UPDATE_IMPLS:
+            raise ValueError(f"FusedUpdate: impl {impl!r} is not one of {UPDATE_IMPLS}")
         self.ema, self.max_norm, self.ema_decay = list(ema), max_norm, ema_decay
-        self.fn = (
-            torch.compile(_foreach_update, fullgraph=True, dynamic=False)
-            if compiled
-            else _foreach_update
-        )
+        self.fn = _foreach_update
+        if impl == "compiled":
+            self.fn = torch.compile(_foreach_update, fullgraph=True, dynamic=False)
+        elif impl == "triton":
+            device = group["params"][0].device
+            if not triton_runs_on(device):
+                raise ValueError(
+                    f"FusedUpdate: the Triton kernels need a CUDA device, not {device}"
+                )
+            from .update_triton import TritonUpdate
+
+            self.fn = TritonUpdate()
 
     @torch.no_grad()
     def __call__(self) -> Tensor:
@@ -128,7 +145,7 @@ class CompiledUpdate:
             for out, t in zip(live, tensors, strict=True):
                 out.append(t)
         if not live[0]:
-            raise ValueError("CompiledUpdate: no parameter has a gradient")
+            raise ValueError("FusedUpdate: no parameter has a gradient")
         beta1, beta2 = group["betas"]
         fn = _foreach_update if _get_current_dispatch_mode() is not None else self.fn
         return fn(

@@ -21,7 +21,6 @@ only for the chosen pairs, elementwise). Both are exact float32, like the releas
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -399,12 +398,6 @@ def _triton_stats(
     c = torch.where(valid[a] & valid[b], c, 0.0)
     empty = mu.new_zeros(0)
     return _Stats(valid, mu, empty, empty, l1, l2, empty, slot_cos=c, slot_filled=filled)
-
-
-def triton_runs_on(device: torch.device) -> bool:
-    """Whether the Triton kernels can run on ``device``: CUDA, or any device with Triton's CPU
-    interpreter on (``TRITON_INTERPRET=1`` before Triton is imported; how the tests run them)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def check_triton_supported(cfg: DiversityConfig) -> None:

@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..triton_support import device_table
+
 BLOCK_M, BLOCK_D = 32, 128  # tile: rows × channels
 ROWS = 256  # rows per program of the column sums (split so every SM has work)
 
@@ -169,11 +171,9 @@ KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _table(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-    """The tensors' addresses and dtype codes on the device, copied without a host sync
-    (pinned memory, non-blocking)."""
+    """The tensors' addresses and dtype codes on the device."""
     rows = [[t.data_ptr() for t in tensors], [KINDS[t.dtype] for t in tensors]]
-    host = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
-    dev = host.to(device, non_blocking=True)
+    dev = device_table(rows, device)
     return dev[0], dev[1]
 
 
