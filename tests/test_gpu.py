@@ -107,17 +107,22 @@ def test_triton_diversity_statistics_match_eager_on_cuda():
     _check_loss_path_against_eager(("triton", "compiled"), 200, cfg, True)  # inside the graph
 
 
-@pytest.mark.parametrize("impl", ["compiled", "triton"])
-def test_fused_update_matches_fused_adamw_on_cuda(impl):
+@pytest.mark.parametrize(("impl", "offset"), [("compiled", 0), ("triton", 0), ("triton", 1)])
+def test_fused_update_matches_fused_adamw_on_cuda(impl, offset):
     """The fused update (clip, AdamW, EMA in one graph, or as two Triton kernels) against
     clip_grad_norm_, the fused AdamW and the EMA lerp, with clipping active and weight decay on,
     a parameter without gradient, gradients at new addresses every step, and no host
     synchronisation after the first call. A few tensors: compiling takes about a second per
-    tensor; the largest spans several Triton chunks with a partial tail."""
+    tensor; the largest spans several Triton chunks, others end in partial blocks; ``offset``
+    1 starts one parameter 4 bytes into its storage (the kernels' unaligned variant)."""
     shapes = [(1024, 1000), (1000,), (7, 13), (3,), (5,)]  # the last gets no gradient
     g = torch.Generator("cuda").manual_seed(0)
     ref = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=g)) for s in shapes]
     got = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    if offset:  # a view one element into a larger tensor
+        view = torch.empty(1000 + offset, device="cuda")[offset:].copy_(ref[1].detach())
+        got[1] = torch.nn.Parameter(view)
+        assert got[1].data_ptr() % 16
     ref_ema, got_ema = ([p.detach().clone() for p in ps] for ps in (ref, got))
     kw = dict(lr=1e-3, weight_decay=0.05, fused=True)
     ref_opt, got_opt = torch.optim.AdamW(ref, **kw), torch.optim.AdamW(got, **kw)

@@ -29,54 +29,92 @@ CHUNK, BLOCK = 65536, 1024  # elements per program, per vector operation
 
 
 @triton.jit
-def grad_squares(
-    table, numel, chunk_tensor, chunk_start, chunk, partial, T, BLOCK: tl.constexpr
-):  # fmt: skip
-    c = tl.program_id(0)
+def address(table, row, t, T, ALIGNED: tl.constexpr):
+    """Float32 pointer to tensor ``t`` of table row ``row`` (rows of ``T`` addresses);
+    ``ALIGNED``: every address is a multiple of 16 bytes, so loads may be 128-bit vectors."""
+    ptr = tl.load(table + row * T + t).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def span(chunk_tensor, chunk_start, numel, chunk, c, BLOCK: tl.constexpr):
+    """Program ``c``'s tensor and element range [start, end), and where its whole ``BLOCK``s
+    end: those are read without a mask (a mask of unknown extent rules out vector loads)."""
     t, start = tl.load(chunk_tensor + c), tl.load(chunk_start + c)
     end = tl.minimum(start + chunk, tl.load(numel + t))
-    g = tl.load(table + T + t).to(tl.pointer_type(tl.float32))
+    return t, start, end, start + (end - start) // BLOCK * BLOCK
+
+
+@triton.jit
+def offsets(i, BLOCK: tl.constexpr):
+    return tl.multiple_of(i, BLOCK) + tl.arange(0, BLOCK)  # chunks start at multiples of BLOCK
+
+
+@triton.jit
+def grad_squares(
+    table, numel, chunk_tensor, chunk_start, chunk, partial, T,
+    BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    t, start, end, whole = span(chunk_tensor, chunk_start, numel, chunk, c, BLOCK)
+    g = address(table, 1, t, T, ALIGNED)
     acc = tl.zeros([BLOCK], tl.float32)
-    for i in range(start, end, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        x = tl.load(g + offs, mask=offs < end, other=0.0)
+    for i in range(start, whole, BLOCK):
+        x = tl.load(g + offsets(i, BLOCK))
         acc += x * x
-    tl.store(partial + c, tl.sum(acc, axis=0))
+    offs = offsets(whole, BLOCK)
+    x = tl.load(g + offs, mask=offs < end, other=0.0)  # the tail (may be empty)
+    tl.store(partial + c, tl.sum(acc + x * x, axis=0))
+
+
+@triton.jit
+def adamw_ema_block(
+    p_ptr, g_ptr, m_ptr, v_ptr, e_ptr, offs, mask, other,
+    coef, decay, beta1, beta2, step_size, bias2_sqrt, eps, ema_weight,
+):  # fmt: skip
+    """One block of the update at ``offs`` (``mask``/``other`` None: a whole block)."""
+    g = tl.load(g_ptr + offs, mask=mask, other=other) * coef
+    p = tl.load(p_ptr + offs, mask=mask, other=other) * decay
+    m = tl.load(m_ptr + offs, mask=mask, other=other)
+    v = tl.load(v_ptr + offs, mask=mask, other=other)
+    e = tl.load(e_ptr + offs, mask=mask, other=other)
+    m = m + (1.0 - beta1) * (g - m)  # torch's lerp for weights below 1/2
+    v = v * beta2 + (1.0 - beta2) * g * g
+    p = p - step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
+    e = e + ema_weight * (p - e)
+    tl.store(p_ptr + offs, p, mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    tl.store(e_ptr + offs, e, mask=mask)
 
 
 @triton.jit
 def adamw_ema(
     table, numel, chunk_tensor, chunk_start, chunk, coef_ptr, T,
     lr, beta1, beta2, log2_beta1, log2_beta2, eps, decay, ema_weight,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0)
-    t, start = tl.load(chunk_tensor + c), tl.load(chunk_start + c)
-    end = tl.minimum(start + chunk, tl.load(numel + t))
-    f32 = tl.pointer_type(tl.float32)  # (written out: the interpreter is slow at calls)
-    p_ptr, g_ptr = tl.load(table + t).to(f32), tl.load(table + T + t).to(f32)
-    m_ptr, v_ptr = tl.load(table + 2 * T + t).to(f32), tl.load(table + 3 * T + t).to(f32)
-    e_ptr, s_ptr = tl.load(table + 4 * T + t).to(f32), tl.load(table + 5 * T + t).to(f32)
-    step = tl.load(s_ptr)  # already counts this step
+    t, start, end, whole = span(chunk_tensor, chunk_start, numel, chunk, c, BLOCK)
+    p_ptr, g_ptr = address(table, 0, t, T, ALIGNED), address(table, 1, t, T, ALIGNED)
+    m_ptr, v_ptr = address(table, 2, t, T, ALIGNED), address(table, 3, t, T, ALIGNED)
+    e_ptr = address(table, 4, t, T, ALIGNED)
+    step = tl.load(address(table, 5, t, T, False))  # already counts this step
     step_size = lr / (1.0 - tl.exp2(step * log2_beta1))  # lr / (1 − β1ᵗ)
     bias2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))  # √(1 − β2ᵗ)
     coef = tl.load(coef_ptr)  # the clipping coefficient (1 without clipping)
-    for i in range(start, end, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        mask = offs < end
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0) * coef
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0) * decay
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        e = tl.load(e_ptr + offs, mask=mask, other=0.0)
-        m = m + (1.0 - beta1) * (g - m)  # torch's lerp for weights below 1/2
-        v = v * beta2 + (1.0 - beta2) * g * g
-        p = p - step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
-        e = e + ema_weight * (p - e)
-        tl.store(p_ptr + offs, p, mask=mask)
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
-        tl.store(e_ptr + offs, e, mask=mask)
+    for i in range(start, whole, BLOCK):
+        adamw_ema_block(
+            p_ptr, g_ptr, m_ptr, v_ptr, e_ptr, offsets(i, BLOCK), None, None,
+            coef, decay, beta1, beta2, step_size, bias2_sqrt, eps, ema_weight,
+        )  # fmt: skip
+    offs = offsets(whole, BLOCK)
+    adamw_ema_block(  # the tail (may be empty)
+        p_ptr, g_ptr, m_ptr, v_ptr, e_ptr, offs, offs < end, 0.0,
+        coef, decay, beta1, beta2, step_size, bias2_sqrt, eps, ema_weight,
+    )  # fmt: skip
 
 
 def _log2(beta: float) -> float:
@@ -89,10 +127,14 @@ class TritonUpdate:
     are usually reallocated at the same addresses), the chunk table when the sizes change."""
 
     def __init__(self) -> None:
-        self._addresses: tuple[tuple[int, ...], Tensor] | None = None
+        self._addresses: tuple[tuple[int, ...], Tensor, bool] | None = None
         self._chunks: tuple[tuple[int, ...], Tensor, Tensor, Tensor] | None = None
 
-    def _tables(self, columns: Sequence[Sequence[Tensor]]) -> tuple[Tensor, ...]:
+    def _tables(
+        self, columns: Sequence[Sequence[Tensor]]
+    ) -> tuple[Tensor, bool, Tensor, Tensor, Tensor]:
+        """Addresses (rows: the ``columns``), whether all but the steps' are 16-byte aligned,
+        and per tensor its size, per chunk its tensor and first element, on the device."""
         device = columns[0][0].device
         ptrs = tuple(t.data_ptr() for col in columns for t in col)
         if self._addresses is None or self._addresses[0] != ptrs:
@@ -106,16 +148,19 @@ class TritonUpdate:
                     f"the Triton update takes contiguous float32 tensors on {device}, got "
                     f"{sorted(bad)}"
                 )
-            self._addresses = ptrs, device_table([[t.data_ptr() for t in c] for c in columns],
-                                                 device)  # fmt: skip
+            table = device_table([[t.data_ptr() for t in c] for c in columns], device)
+            aligned = all(t.data_ptr() % 16 == 0 for col in columns[:-1] for t in col)
+            self._addresses = ptrs, table, aligned
         sizes = tuple(p.numel() for p in columns[0])
         if self._chunks is None or self._chunks[0] != sizes:
+            if CHUNK % BLOCK:
+                raise ValueError(f"CHUNK ({CHUNK}) must be a multiple of BLOCK ({BLOCK})")
             tensor_of = [t for t, n in enumerate(sizes) for _ in range(0, n, CHUNK)]
             start_of = [s for n in sizes for s in range(0, n, CHUNK)]
             rows = [list(sizes), tensor_of, start_of]
             numel, chunk_tensor, chunk_start = (device_table([r], device)[0] for r in rows)
             self._chunks = sizes, numel, chunk_tensor, chunk_start
-        return self._addresses[1], *self._chunks[1:]
+        return *self._addresses[1:], *self._chunks[1:]
 
     def __call__(
         self,
@@ -136,14 +181,14 @@ class TritonUpdate:
         max_norm: float,
         ema_weight: float,
     ) -> Tensor:
-        table, numel, chunk_tensor, chunk_start = self._tables(
+        table, aligned, numel, chunk_tensor, chunk_start = self._tables(
             (params, grads, exp_avgs, exp_avg_sqs, emas, steps)
         )
         grid, count = (chunk_tensor.numel(),), len(params)
         if max_norm > 0:
             partial = params[0].new_empty(grid)
             grad_squares[grid](
-                table, numel, chunk_tensor, chunk_start, CHUNK, partial, count, BLOCK
+                table, numel, chunk_tensor, chunk_start, CHUNK, partial, count, BLOCK, aligned
             )  # fmt: skip
             norm = partial.sum().sqrt()
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # clip_grad_norm_'s
@@ -153,7 +198,7 @@ class TritonUpdate:
         adamw_ema[grid](
             table, numel, chunk_tensor, chunk_start, CHUNK, coef, count,
             lr, beta1, beta2, _log2(beta1), _log2(beta2), eps, 1.0 - lr * weight_decay,
-            ema_weight, BLOCK,
+            ema_weight, BLOCK, aligned,
         )  # fmt: skip
         if frozen:
             torch._foreach_lerp_(frozen_emas, frozen, ema_weight)
