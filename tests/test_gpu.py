@@ -57,11 +57,12 @@ def test_compiled_model_matches_eager(scope):
 
 
 def _check_loss_path_against_eager(
-    paths: tuple[str, ...], width: int, cfg: DiversityConfig, no_sync: bool
+    paths: tuple[str, ...], width: int, cfg: DiversityConfig, no_sync: bool, offset: int = 0
 ):
     """``diversity_loss`` with each flag of ``paths`` on against the eager fused Function, on
     fp32 and bf16 blocks with a NaN and an inf block: values, gradients (zero on those blocks);
-    with ``no_sync``, the second call must not synchronise with the host."""
+    with ``no_sync``, the second call must not synchronise with the host; ``offset`` 1 starts
+    each block one element into its storage (not 16-byte aligned)."""
     from diversedit.losses.diversity import diversity_loss
 
     torch.manual_seed(0)
@@ -73,7 +74,11 @@ def _check_loss_path_against_eager(
     feats[8][0, 0, 0] = float("inf")
     runs = []
     for on in (False, True):
-        leaves = [f.clone().requires_grad_(True) for f in feats]
+        leaves = [
+            f.new_empty(f.numel() + offset)[offset:].view_as(f).copy_(f).requires_grad_(True)
+            for f in feats
+        ]
+        assert all(leaf.data_ptr() % 16 for leaf in leaves) == bool(offset)
         if no_sync:
             diversity_loss(leaves, cfg, **dict.fromkeys(paths, on))  # warm-up (compilation)
             torch.cuda.synchronize()
@@ -104,6 +109,7 @@ def test_triton_diversity_statistics_match_eager_on_cuda():
     (fp32 and bf16 blocks, NaN/inf blocks), and no host synchronisation."""
     cfg = DiversityConfig(pair_encoder_depth=4, adaptive=False)
     _check_loss_path_against_eager(("triton",), 200, cfg, True)
+    _check_loss_path_against_eager(("triton",), 200, cfg, True, offset=1)  # no alignment hints
     _check_loss_path_against_eager(("triton", "compiled"), 200, cfg, True)  # inside the graph
 
 

@@ -34,31 +34,39 @@ ROWS = 256  # rows per program of the column sums (split so every SM has work)
 
 
 @triton.jit
-def load_block(table, kind, blk, offs, mask):
+def typed(table, blk, ALIGNED: tl.constexpr):
+    """Block ``blk``'s address as float32, bfloat16 and float16 pointers; ``ALIGNED``: every
+    block starts on 16 bytes, so tiles may load as 128-bit vectors (Triton cannot know that of
+    an address read from memory)."""
+    addr = tl.load(table + blk)
+    a = addr.to(tl.pointer_type(tl.float32))
+    b = addr.to(tl.pointer_type(tl.bfloat16))
+    c = addr.to(tl.pointer_type(tl.float16))
+    if ALIGNED:
+        a, b, c = tl.multiple_of(a, 16), tl.multiple_of(b, 16), tl.multiple_of(c, 16)
+    return a, b, c
+
+
+@triton.jit
+def load_block(table, kind, blk, offs, mask, ALIGNED: tl.constexpr):
     """Tile of block ``blk`` as float32, read in the block's dtype (``kind``: 0 float32,
     1 bfloat16, 2 float16); masked loads, so only that dtype's load touches memory."""
     code = tl.load(kind + blk)
-    addr = tl.load(table + blk)
+    pa, pb, pc = typed(table, blk, ALIGNED)
     # other=0: lanes outside ``mask`` read as 0 (the sums rely on it)
-    a = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask & (code == 0), 0.0)
-    b = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask & (code == 1), 0.0)
-    c = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask & (code == 2), 0.0)
+    a = tl.load(pa + offs, mask & (code == 0), 0.0)
+    b = tl.load(pb + offs, mask & (code == 1), 0.0)
+    c = tl.load(pc + offs, mask & (code == 2), 0.0)
     return tl.where(code == 0, a, tl.where(code == 1, b.to(tl.float32), c.to(tl.float32)))
 
 
 @triton.jit
-def store_block(table, kind, blk, offs, mask, value):
+def store_block(table, kind, blk, offs, mask, value, ALIGNED: tl.constexpr):
     code = tl.load(kind + blk)
-    addr = tl.load(table + blk)
-    tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, value, mask=mask & (code == 0))
-    tl.store(
-        addr.to(tl.pointer_type(tl.bfloat16)) + offs, value.to(tl.bfloat16),
-        mask=mask & (code == 1),
-    )  # fmt: skip
-    tl.store(
-        addr.to(tl.pointer_type(tl.float16)) + offs, value.to(tl.float16),
-        mask=mask & (code == 2),
-    )  # fmt: skip
+    pa, pb, pc = typed(table, blk, ALIGNED)
+    tl.store(pa + offs, value, mask=mask & (code == 0))
+    tl.store(pb + offs, value.to(tl.bfloat16), mask=mask & (code == 1))
+    tl.store(pc + offs, value.to(tl.float16), mask=mask & (code == 2))
 
 
 @triton.jit
@@ -68,7 +76,8 @@ def finite(x):
 
 @triton.jit
 def column_sums(
-    table, kind, s1, sabs, ssq, nbad, M, D, R, BM: tl.constexpr, BD: tl.constexpr
+    table, kind, s1, sabs, ssq, nbad, M, D, R,
+    BM: tl.constexpr, BD: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """Partial column sums of rows [split·R, split·R + R) of a block, into (B, splits, D)."""
     blk, pd, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -81,7 +90,7 @@ def column_sums(
     for r0 in range(split * R, end, BM):
         rows = r0 + tl.arange(0, BM)
         mask = (rows[:, None] < end) & (cols[None, :] < D)
-        x = load_block(table, kind, blk, rows[:, None] * D + cols[None, :], mask)
+        x = load_block(table, kind, blk, rows[:, None] * D + cols[None, :], mask, ALIGNED)
         ok = finite(x)
         xm = tl.where(ok, x, 0.0)
         acc1 += tl.sum(xm, axis=0)
@@ -99,7 +108,7 @@ def column_sums(
 @triton.jit
 def pair_rows(
     table, kind, a_slot, b_slot, cos, na, nb, M, D, eps,
-    BM: tl.constexpr, BD: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     s, pm = tl.program_id(0), tl.program_id(1)
     a, b = tl.load(a_slot + s), tl.load(b_slot + s)
@@ -111,8 +120,8 @@ def pair_rows(
         cols = d0 + tl.arange(0, BD)
         mask = (rows[:, None] < M) & (cols[None, :] < D)
         offs = rows[:, None] * D + cols[None, :]
-        xa = load_block(table, kind, a, offs, mask)
-        xb = load_block(table, kind, b, offs, mask)
+        xa = load_block(table, kind, a, offs, mask, ALIGNED)
+        xb = load_block(table, kind, b, offs, mask, ALIGNED)
         xa = tl.where(finite(xa), xa, 0.0)
         xb = tl.where(finite(xb), xb, 0.0)
         dot += tl.sum(xa * xb, axis=1)
@@ -129,7 +138,7 @@ def pair_rows(
 @triton.jit
 def block_grads(
     table, kind, grad_table, g_mu, g_l1, g_l2n, a_slot, b_slot, gr, cos, na, nb,
-    M, D, eps, S: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+    M, D, eps, S: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     blk, pm, pd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pm * BM + tl.arange(0, BM)
@@ -137,7 +146,7 @@ def block_grads(
     rmask, cmask = rows < M, cols < D
     mask = rmask[:, None] & cmask[None, :]
     offs = rows[:, None] * D + cols[None, :]
-    x = load_block(table, kind, blk, offs, mask)
+    x = load_block(table, kind, blk, offs, mask, ALIGNED)
     ok = finite(x)
     xm = tl.where(ok, x, 0.0)
     cidx = blk * D + cols
@@ -153,7 +162,7 @@ def block_grads(
         hit = is_a | is_b
         partner = tl.where(is_a, b, a)
         rm = rmask & hit
-        other = load_block(table, kind, partner, offs, mask & hit)
+        other = load_block(table, kind, partner, offs, mask & hit, ALIGNED)
         other = tl.where(finite(other), other, 0.0)
         g = tl.load(gr + s * M + rows, mask=rm, other=0.0)
         c = tl.load(cos + s * M + rows, mask=rm, other=0.0)
@@ -164,17 +173,18 @@ def block_grads(
         radial = tl.where(own >= eps, c / (n_own * n_own), 0.0)  # clamped: constant norm
         term = other / (n_own * n_pair)[:, None] - radial[:, None] * xm
         grad += tl.where(hit, g[:, None] * term, 0.0)
-    store_block(grad_table, kind, blk, offs, mask, tl.where(ok, grad, 0.0))
+    store_block(grad_table, kind, blk, offs, mask, tl.where(ok, grad, 0.0), ALIGNED)
 
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _table(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-    """The tensors' addresses and dtype codes on the device."""
+def _table(tensors: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor, bool]:
+    """The tensors' addresses and dtype codes on the device, and whether every address is a
+    multiple of 16 bytes."""
     rows = [[t.data_ptr() for t in tensors], [KINDS[t.dtype] for t in tensors]]
     dev = device_table(rows, device)
-    return dev[0], dev[1]
+    return dev[0], dev[1], all(a % 16 == 0 for a in rows[0])
 
 
 def check_dtypes(blocks: Sequence[Tensor]) -> None:
@@ -211,11 +221,11 @@ def diversity_stats(
     first = blocks[0]
     device, d = first.device, first.shape[-1]
     m = first.numel() // d
-    table, kind = _table(blocks, device)
+    table, kind, aligned = _table(blocks, device)
     splits = -(-m // ROWS)
     parts = [_empty((len(blocks), splits, d), first) for _ in range(4)]
     grid = (len(blocks), -(-d // BLOCK_D), splits)
-    column_sums[grid](table, kind, *parts, m, d, ROWS, BM=BLOCK_M, BD=BLOCK_D)
+    column_sums[grid](table, kind, *parts, m, d, ROWS, BM=BLOCK_M, BD=BLOCK_D, ALIGNED=aligned)
     s1, sabs, ssq, nbad = (p.sum(dim=1) for p in parts)
     valid = nbad.sum(dim=1) == 0
     slots = cap if cand_a.numel() else 0
@@ -227,7 +237,10 @@ def diversity_stats(
     cos, na, nb = (_empty((slots, m), first) for _ in range(3))
     if slots:
         grid = (slots, -(-m // BLOCK_M))
-        pair_rows[grid](table, kind, a_slot, b_slot, cos, na, nb, m, d, eps, BM=BLOCK_M, BD=BLOCK_D)
+        pair_rows[grid](
+            table, kind, a_slot, b_slot, cos, na, nb, m, d, eps,
+            BM=BLOCK_M, BD=BLOCK_D, ALIGNED=aligned,
+        )  # fmt: skip
     c = (cos.abs() if mean_of_abs else cos).mean(dim=1)
     return valid, s1 / m, sabs, ssq.sqrt(), c, filled, a_slot, b_slot, cos, na, nb
 
@@ -257,12 +270,12 @@ def diversity_stats_backward(
     device, d = first.device, first.shape[-1]
     m = first.numel() // d
     grads = [torch.empty_like(b) for b in blocks]
-    table, kind = _table(blocks, device)
-    grad_table, _ = _table(grads, device)
+    table, kind, aligned = _table(blocks, device)
+    grad_table, _, grads_aligned = _table(grads, device)
     grid = (len(blocks), -(-m // BLOCK_M), -(-d // BLOCK_D))
     block_grads[grid](
         table, kind, grad_table, g_mu, g_l1, g_l2n, a_slot, b_slot, gr, cos, na, nb,
-        m, d, eps, S=a_slot.shape[0], BM=BLOCK_M, BD=BLOCK_D,
+        m, d, eps, S=a_slot.shape[0], BM=BLOCK_M, BD=BLOCK_D, ALIGNED=aligned and grads_aligned,
     )  # fmt: skip
     return grads
 
