@@ -49,7 +49,10 @@ def span(chunk_tensor, chunk_start, numel, chunk, c, BLOCK: tl.constexpr):
 
 @triton.jit
 def offsets(i, BLOCK: tl.constexpr):
-    return tl.multiple_of(i, BLOCK) + tl.arange(0, BLOCK)  # chunks start at multiples of BLOCK
+    """The ``BLOCK`` offsets from ``i``, a multiple of ``BLOCK`` (chunks start at multiples of
+    ``CHUNK``): the hint goes on the computed offsets, since Triton drops hints on a function's
+    arguments."""
+    return tl.max_contiguous(tl.multiple_of(i + tl.arange(0, BLOCK), BLOCK), BLOCK)
 
 
 @triton.jit
