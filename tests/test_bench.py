@@ -127,5 +127,6 @@ def test_kernel_classes():
     )
     assert kernel_class("void at::native::(anonymous)::fused_adamw_kernel") == "optimizer"
     assert kernel_class("grad_squares") == kernel_class("adamw_ema") == "optimizer"  # Triton
+    assert kernel_class("block_grads") == kernel_class("column_sums") == "diversity"
     assert kernel_class("triton_per_fused_add_mul_native_layer_norm_3") == "compiled"
     assert kernel_class("void at::native::vectorized_elementwise_kernel<4>") == "other"

@@ -105,6 +105,7 @@ KERNEL_CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "cublas", "splitk", "triton_tem")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "lerp", "grad_squares")),  # + update_triton
+    ("diversity", ("column_sums", "pair_rows", "block_grads")),  # losses/diversity_triton.py
     ("compiled", ("triton",)),  # Inductor's fused elementwise and reduction kernels
 )
 
