@@ -151,9 +151,9 @@ class TritonUpdate:
                     f"the Triton update takes contiguous float32 tensors on {device}, got "
                     f"{sorted(bad)}"
                 )
-            table = device_table([[t.data_ptr() for t in c] for c in columns], device)
-            aligned = all(t.data_ptr() % 16 == 0 for col in columns[:-1] for t in col)
-            self._addresses = ptrs, table, aligned
+            steps = len(columns[-1])  # the last row: no vector loads from a 0-d step
+            aligned = all(a % 16 == 0 for a in ptrs[:-steps])
+            self._addresses = ptrs, device_table([ptrs], device)[0], aligned  # row-major
         sizes = tuple(p.numel() for p in columns[0])
         if self._chunks is None or self._chunks[0] != sizes:
             if CHUNK % BLOCK:
