@@ -34,39 +34,40 @@ ROWS = 256  # rows per program of the column sums (split so every SM has work)
 
 
 @triton.jit
-def typed(table, blk, ALIGNED: tl.constexpr):
-    """Block ``blk``'s address as float32, bfloat16 and float16 pointers; ``ALIGNED``: every
-    block starts on 16 bytes, so tiles may load as 128-bit vectors (Triton cannot know that of
-    an address read from memory)."""
-    addr = tl.load(table + blk)
-    a = addr.to(tl.pointer_type(tl.float32))
-    b = addr.to(tl.pointer_type(tl.bfloat16))
-    c = addr.to(tl.pointer_type(tl.float16))
+def pointer(table, blk, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Block ``blk``'s address as a ``DTYPE`` pointer; ``ALIGNED``: every block starts on 16
+    bytes, so tiles may load as 128-bit vectors (Triton cannot know that of an address read
+    from memory)."""
+    ptr = tl.load(table + blk).to(tl.pointer_type(DTYPE))
     if ALIGNED:
-        a, b, c = tl.multiple_of(a, 16), tl.multiple_of(b, 16), tl.multiple_of(c, 16)
-    return a, b, c
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
 def load_block(table, kind, blk, offs, mask, ALIGNED: tl.constexpr):
     """Tile of block ``blk`` as float32, read in the block's dtype (``kind``: 0 float32,
-    1 bfloat16, 2 float16); masked loads, so only that dtype's load touches memory."""
+    1 bfloat16, 2 float16; lanes outside ``mask`` read as 0, which the sums rely on). A branch on
+    the dtype, the same for the whole program: one tile of registers, not one per dtype."""
     code = tl.load(kind + blk)
-    pa, pb, pc = typed(table, blk, ALIGNED)
-    # other=0: lanes outside ``mask`` read as 0 (the sums rely on it)
-    a = tl.load(pa + offs, mask & (code == 0), 0.0)
-    b = tl.load(pb + offs, mask & (code == 1), 0.0)
-    c = tl.load(pc + offs, mask & (code == 2), 0.0)
-    return tl.where(code == 0, a, tl.where(code == 1, b.to(tl.float32), c.to(tl.float32)))
+    if code == 0:
+        x = tl.load(pointer(table, blk, tl.float32, ALIGNED) + offs, mask, 0.0)
+    elif code == 1:
+        x = tl.load(pointer(table, blk, tl.bfloat16, ALIGNED) + offs, mask, 0.0).to(tl.float32)
+    else:
+        x = tl.load(pointer(table, blk, tl.float16, ALIGNED) + offs, mask, 0.0).to(tl.float32)
+    return x
 
 
 @triton.jit
 def store_block(table, kind, blk, offs, mask, value, ALIGNED: tl.constexpr):
     code = tl.load(kind + blk)
-    pa, pb, pc = typed(table, blk, ALIGNED)
-    tl.store(pa + offs, value, mask=mask & (code == 0))
-    tl.store(pb + offs, value.to(tl.bfloat16), mask=mask & (code == 1))
-    tl.store(pc + offs, value.to(tl.float16), mask=mask & (code == 2))
+    if code == 0:
+        tl.store(pointer(table, blk, tl.float32, ALIGNED) + offs, value, mask=mask)
+    elif code == 1:
+        tl.store(pointer(table, blk, tl.bfloat16, ALIGNED) + offs, value.to(tl.bfloat16), mask=mask)
+    else:
+        tl.store(pointer(table, blk, tl.float16, ALIGNED) + offs, value.to(tl.float16), mask=mask)
 
 
 @triton.jit
@@ -138,7 +139,7 @@ def pair_rows(
 @triton.jit
 def block_grads(
     table, kind, grad_table, g_mu, g_l1, g_l2n, a_slot, b_slot, gr, cos, na, nb,
-    M, D, eps, S: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, ALIGNED: tl.constexpr,
+    M, D, eps, S, BM: tl.constexpr, BD: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     blk, pm, pd = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pm * BM + tl.arange(0, BM)
@@ -156,23 +157,20 @@ def block_grads(
         + sign * tl.load(g_l1 + cidx, mask=cmask, other=0.0)[None, :]
         + xm * tl.load(g_l2n + cidx, mask=cmask, other=0.0)[None, :]
     )
-    for s in tl.static_range(S):  # pair terms of the slots that name this block
+    for s in range(S):  # pair terms of the slots that name this block (a loop, not unrolled)
         a, b = tl.load(a_slot + s), tl.load(b_slot + s)
-        is_a, is_b = a == blk, b == blk
-        hit = is_a | is_b
-        partner = tl.where(is_a, b, a)
-        rm = rmask & hit
-        other = load_block(table, kind, partner, offs, mask & hit, ALIGNED)
-        other = tl.where(finite(other), other, 0.0)
-        g = tl.load(gr + s * M + rows, mask=rm, other=0.0)
-        c = tl.load(cos + s * M + rows, mask=rm, other=0.0)
-        ra = tl.load(na + s * M + rows, mask=rm, other=1.0)
-        rb = tl.load(nb + s * M + rows, mask=rm, other=1.0)
-        own = tl.where(is_a, ra, rb)
-        n_own, n_pair = tl.maximum(own, eps), tl.maximum(tl.where(is_a, rb, ra), eps)
-        radial = tl.where(own >= eps, c / (n_own * n_own), 0.0)  # clamped: constant norm
-        term = other / (n_own * n_pair)[:, None] - radial[:, None] * xm
-        grad += tl.where(hit, g[:, None] * term, 0.0)
+        if (a == blk) | (b == blk):
+            is_a = a == blk
+            other = load_block(table, kind, tl.where(is_a, b, a), offs, mask, ALIGNED)
+            other = tl.where(finite(other), other, 0.0)
+            g = tl.load(gr + s * M + rows, mask=rmask, other=0.0)
+            c = tl.load(cos + s * M + rows, mask=rmask, other=0.0)
+            ra = tl.load(na + s * M + rows, mask=rmask, other=1.0)
+            rb = tl.load(nb + s * M + rows, mask=rmask, other=1.0)
+            own = tl.where(is_a, ra, rb)
+            n_own, n_pair = tl.maximum(own, eps), tl.maximum(tl.where(is_a, rb, ra), eps)
+            radial = tl.where(own >= eps, c / (n_own * n_own), 0.0)  # clamped: constant norm
+            grad += g[:, None] * (other / (n_own * n_pair)[:, None] - radial[:, None] * xm)
     store_block(grad_table, kind, blk, offs, mask, tl.where(ok, grad, 0.0), ALIGNED)
 
 
