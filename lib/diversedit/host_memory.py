@@ -1,11 +1,13 @@
 """Host allocator settings for training on the CPU: keep freed memory in the process.
 
-glibc's malloc hands large freed blocks back to the kernel (blocks above its mmap threshold,
-and the top of the heap above its trim threshold), so a CPU training step, which allocates its
-activations and temporaries afresh, pays minor page faults for them on every step: about
-25 MiB for a tiny SiT step and 150 MiB for DiverseDiT's, most of what the CPU benchmark had
-measured as the additions' overhead (``results/bench/NOTES.md``, entry 16). Keeping the memory
-costs a resident size that stays at its peak. A user's own ``MALLOC_*_`` settings win, and
+glibc's malloc hands large freed blocks back to the kernel (blocks it mmapped, and the top of
+the heap above its trim threshold), so a CPU training step, which allocates its activations and
+temporaries afresh, pays minor page faults for them on every step: about 25 MiB for a tiny SiT
+step and 150 MiB for DiverseDiT's, most of what the CPU benchmark had measured as the
+additions' overhead (``results/bench/NOTES.md``, entries 16 and 20). Here nothing is mmapped
+(glibc's mmap threshold tops out at 32 MiB, below the diversity loss's stacked features from
+SiT-S/2 at batch 8 up) and the heap is never trimmed. Keeping the memory costs a resident size
+that stays at its peak. A user's own ``MALLOC_*_`` settings win, and
 ``DIVERSEDIT_KEEP_FREED_MEMORY=0`` leaves glibc's defaults.
 """
 
@@ -15,13 +17,15 @@ import ctypes
 import ctypes.util
 import os
 
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4  # glibc's mallopt parameters
 SETTINGS = (
-    (M_MMAP_THRESHOLD, 32 << 20),  # glibc's largest: blocks up to 32 MiB come from the heap
+    (M_MMAP_MAX, 0),  # every block from the heap, whatever its size (no mmap threshold)
     (M_TRIM_THRESHOLD, 2**31 - 1),  # never trim the heap's top (the largest int)
     (M_TOP_PAD, 64 << 20),  # grow the heap in 64 MiB steps
 )
-USER_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+USER_KEYS = (
+    "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"
+)  # fmt: skip
 OPT_OUT = "DIVERSEDIT_KEEP_FREED_MEMORY"
 
 
