@@ -8,45 +8,35 @@ import pytest
 
 from diversedit.host_memory import OPT_OUT, USER_KEYS, keep_freed_memory
 
-STEP_FAULTS = """
+FAULTS = """
 import resource, sys, torch
-from diversedit.bench import StepSettings, prepare_train_step
 from diversedit.host_memory import keep_freed_memory
 kept = sys.argv[1] == "kept" and keep_freed_memory()
 torch.set_num_threads(1)
-step, _ = prepare_train_step("tiny", "diversedit", StepSettings(batch=8, dtype="fp32"))
-for _ in range(3):
-    step()
+{setup}
+for _ in range(3):  # the heap grows to its working size (aligned blocks: a few rounds)
+    {call}
 faults = []
-for _ in range(5):  # the median step: a one-off growth of the heap is not the point
+for _ in range(5):  # the median call: a one-off growth of the heap is not the point
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step()
+    {call}
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(kept, sorted(faults)[2])
 """
-
-
+STEP = """
+from diversedit.bench import StepSettings, prepare_train_step
+step, _ = prepare_train_step("tiny", "diversedit", StepSettings(batch=8, dtype="fp32"))
+"""
 # A temporary above glibc's largest mmap threshold (32 MiB): the diversity loss's stacked
 # features from SiT-S/2 at batch 8 up (12 blocks of 8 × 256 × 384 float32 are 36 MiB).
-LARGE_FAULTS = """
-import resource, sys, torch
-from diversedit.host_memory import keep_freed_memory
-kept = sys.argv[1] == "kept" and keep_freed_memory()
-x = torch.ones(12, 2048, 384)
-for _ in range(3):  # the heap grows to its working size (aligned blocks: a few rounds)
-    (x * 2).sum()
-faults = []
-for _ in range(5):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    (x * 2).sum()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(kept, sorted(faults)[2])
-"""
+LARGE = "x = torch.ones(12, 2048, 384)"
+CASES = {"tiny_step": (STEP, "step()"), "36MiB": (LARGE, "(x * 2).sum()")}
 
 
-def _faults(script: str) -> dict[str, tuple[bool, int]]:
-    """Median page faults of the script's timed calls in fresh processes, glibc's defaults and
-    kept memory, and whether the setting applied."""
+def _faults(setup: str, call: str) -> dict[str, tuple[bool, int]]:
+    """Median page faults of ``call`` after ``setup`` in fresh processes, with glibc's defaults
+    and with kept memory, and whether the setting applied."""
+    script = FAULTS.format(setup=setup, call=call)
     env = {k: v for k, v in os.environ.items() if k not in (*USER_KEYS, OPT_OUT)}
     faults = {}
     for mode in ("default", "kept"):
@@ -59,9 +49,9 @@ def _faults(script: str) -> dict[str, tuple[bool, int]]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-@pytest.mark.parametrize("script", [STEP_FAULTS, LARGE_FAULTS], ids=["tiny_step", "36MiB"])
-def test_kept_memory_removes_the_page_faults(script):
-    faults = _faults(script)
+@pytest.mark.parametrize("case", CASES)
+def test_kept_memory_removes_the_page_faults(case):
+    faults = _faults(*CASES[case])
     (_, default), (applied, kept) = faults["default"], faults["kept"]
     assert applied
     assert default > 1000, faults  # glibc returned the large temporaries to the kernel
