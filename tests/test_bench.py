@@ -1,5 +1,6 @@
 """The benchmark runs on the CPU and writes its JSON (timings are recorded, never asserted)."""
 
+import importlib.util
 import json
 import sys
 
@@ -20,6 +21,7 @@ def test_bench_cli_writes_json(tmp_path):
     assert rows[0]["overhead_vs_sit"] == 0 and "torch" in report["machine"]
     code = report["machine"]  # the code that was measured: a checkout's commit and dirty flag
     assert len(code["git_commit"]) == 40 and isinstance(code["dirty"], bool)
+    assert ("triton" in code) == (importlib.util.find_spec("triton") is not None)
     assert all(r["timing"] == "interleaved" for r in rows)  # the CPU defaults
     assert all(r["dtype"] == "fp32" for r in rows) and report["settings"]["dtype"] == "fp32"
     assert all(r["page_faults"] >= 0 for r in rows)  # per step: host memory kept or not

@@ -483,13 +483,20 @@ def bench_sampler(
 
 
 def machine() -> dict[str, Any]:
-    """Hardware and versions, and the code's git revision (commit, uncommitted changes)."""
+    """Hardware and versions (Triton's where installed), and the code's git revision (commit,
+    uncommitted changes)."""
     info = git_revision() | {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
     }
+    try:  # the Triton kernels' code depends on its version
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -7,7 +7,9 @@ step and 150 MiB for DiverseDiT's, most of what the CPU benchmark had measured a
 additions' overhead (``results/bench/NOTES.md``, entries 16 and 20). Here nothing is mmapped
 (glibc's mmap threshold tops out at 32 MiB, below the diversity loss's stacked features from
 SiT-S/2 at batch 8 up) and the heap is never trimmed. Keeping the memory costs a resident size
-that stays at its peak. A user's own ``MALLOC_*_`` settings win, and
+that stays at its peak, plus a few blocks of a step's largest sizes: glibc (2.36 here) pads
+aligned requests, so a freed block is reused only once it merged with a free neighbour. A
+user's own ``MALLOC_*_`` settings win, and
 ``DIVERSEDIT_KEEP_FREED_MEMORY=0`` leaves glibc's defaults.
 """
 
