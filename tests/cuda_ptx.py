@@ -33,86 +33,58 @@ from diversedit import update_triton
 from diversedit.losses import diversity_triton
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-F32 = "*fp32"
-I64 = "*i64"
-TABLES = {"table": I64, "numel": I64, "chunk_tensor": I64, "chunk_start": I64}
-SCALARS = {k: "fp32" for k in ("lr", "beta1", "beta2", "log2_beta1", "log2_beta2", "eps")}
+NUM_WARPS = 4  # Triton's default, as the kernels are launched
+
+
+def types(*, i64: str = "", f32: str = "", i32: str = "", fp32: str = "") -> dict[str, str]:
+    """Argument types by name: ``i64``/``f32`` pointers, ``i32``/``fp32`` scalars (names
+    separated by spaces)."""
+    kinds = {"*i64": i64, "*fp32": f32, "i32": i32, "fp32": fp32}
+    return {name: kind for kind, names in kinds.items() for name in names.split()}
+
+
+TABLES = "table numel chunk_tensor chunk_start"
+TILE = {"BM": diversity_triton.BLOCK_M, "BD": diversity_triton.BLOCK_D}
 # kernel → (argument types, constexprs besides ALIGNED, integer arguments that are 16·k)
 KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, int], tuple[str, ...]]] = {
     "grad_squares": (
         update_triton.grad_squares,
-        {**TABLES, "chunk": "i32", "partial": F32, "T": "i32"},
+        types(i64=TABLES, f32="partial", i32="chunk T"),
         {"BLOCK": update_triton.BLOCK},
         ("chunk",),
     ),
     "adamw_ema": (
         update_triton.adamw_ema,
-        {
-            **TABLES,
-            "chunk": "i32",
-            "coef_ptr": F32,
-            "T": "i32",
-            **SCALARS,
-            "decay": "fp32",
-            "ema_weight": "fp32",
-        },
+        types(
+            i64=TABLES,
+            f32="coef_ptr",
+            i32="chunk T",
+            fp32="lr beta1 beta2 log2_beta1 log2_beta2 eps decay ema_weight",
+        ),
         {"BLOCK": update_triton.BLOCK},
         ("chunk",),
     ),
     "column_sums": (
         diversity_triton.column_sums,
-        {
-            "table": I64,
-            "kind": I64,
-            "s1": F32,
-            "sabs": F32,
-            "ssq": F32,
-            "nbad": F32,
-            "M": "i32",
-            "D": "i32",
-            "R": "i32",
-        },
-        {"BM": diversity_triton.BLOCK_M, "BD": diversity_triton.BLOCK_D},
+        types(i64="table kind", f32="s1 sabs ssq nbad", i32="M D R"),
+        TILE,
         ("M", "D", "R"),
     ),
     "pair_rows": (
         diversity_triton.pair_rows,
-        {
-            "table": I64,
-            "kind": I64,
-            "a_slot": I64,
-            "b_slot": I64,
-            "cos": F32,
-            "na": F32,
-            "nb": F32,
-            "M": "i32",
-            "D": "i32",
-            "eps": "fp32",
-        },
-        {"BM": diversity_triton.BLOCK_M, "BD": diversity_triton.BLOCK_D},
+        types(i64="table kind a_slot b_slot", f32="cos na nb", i32="M D", fp32="eps"),
+        TILE,
         ("M", "D"),
     ),
     "block_grads": (
         diversity_triton.block_grads,
-        {
-            "table": I64,
-            "kind": I64,
-            "grad_table": I64,
-            "g_mu": F32,
-            "g_l1": F32,
-            "g_l2n": F32,
-            "a_slot": I64,
-            "b_slot": I64,
-            "gr": F32,
-            "cos": F32,
-            "na": F32,
-            "nb": F32,
-            "M": "i32",
-            "D": "i32",
-            "eps": "fp32",
-            "S": "i32",
-        },
-        {"BM": diversity_triton.BLOCK_M, "BD": diversity_triton.BLOCK_D},
+        types(
+            i64="table kind grad_table a_slot b_slot",
+            f32="g_mu g_l1 g_l2n gr cos na nb",
+            i32="M D S",
+            fp32="eps",
+        ),
+        TILE,
         ("M", "D"),
     ),
 }
@@ -128,7 +100,9 @@ def build(name: str, aligned: bool, arch: int = 90) -> dict[str, Any]:
     marked = [a for a, t in types.items() if t.startswith("*") or a in multiples]
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in marked}
     src = ASTSource(fn, signature, constexprs={**constexprs, "ALIGNED": aligned}, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    kernel = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / f"{name}.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -153,7 +127,7 @@ def main(arch: int = 90) -> dict[str, Any]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     kernels = [build(name, aligned, arch) for name in KERNELS for aligned in (True, False)]
-    return {"triton": triton.__version__, "num_warps": 4, "kernels": kernels}
+    return {"triton": triton.__version__, "num_warps": NUM_WARPS, "kernels": kernels}
 
 
 if __name__ == "__main__":
