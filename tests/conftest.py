@@ -11,31 +11,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _interpreter_indexes_one_element_blocks() -> None:
-    """Triton before 3.7 (torch 2.11 pins 3.6) turns a scalar into a Python index with
-    ``int(array)``, which NumPy 2.4 refuses for its one-element arrays: every interpreted loop
-    whose bounds are read from memory fails. Give such interpreters 3.7's squeeze (tests only;
-    compiled kernels are not affected)."""
-    if importlib.util.find_spec("triton") is None:
-        return
-    import triton
-    from triton.runtime import interpreter
-
-    version = tuple(int(v) for v in triton.__version__.split(".")[:2])
-    patch = getattr(interpreter, "_patch_lang_tensor", None)
-    if version >= (3, 7) or patch is None:
-        return
-
-    def patched(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    interpreter._patch_lang_tensor = patched
-
-
-_interpreter_indexes_one_element_blocks()
-
-
 def pytest_collection_modifyitems(items):
     """``triton_interpreted`` tests need Triton's interpreter: no CUDA (tests/test_gpu.py runs
     the kernels there), TRITON_INTERPRET=1, and a torch build that ships Triton."""

@@ -1,11 +1,13 @@
 """What the Triton kernels share: where they can run, and tables of tensor addresses.
 
 The kernels (:mod:`.losses.diversity_triton`, :mod:`.update_triton`) read many tensors in place
-through a device table of their addresses instead of stacking or flattening them first.
+through a device table of their addresses instead of stacking or flattening them first. Both
+import this module, which mends the CPU interpreter of Triton before 3.7 when it is on.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 
@@ -24,3 +26,27 @@ def device_table(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
     host sync (pinned memory, non-blocking)."""
     host = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
+
+
+def _mend_interpreter() -> None:
+    """Triton's interpreter before 3.7 (torch 2.11 pins 3.6) makes a Python index of a scalar
+    with ``int(array)``, which NumPy 2.4 refuses for the one-element arrays scalars are there,
+    so any loop whose bounds are read from memory fails; give it 3.7's squeeze. Compiled
+    kernels are not concerned."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        return
+    import triton
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7) or patch is None:
+        return
+
+    def mended(tensor, scope) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = mended
+
+
+_mend_interpreter()
