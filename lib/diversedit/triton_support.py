@@ -42,9 +42,15 @@ def _mend_interpreter() -> None:
     if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7) or patch is None:
         return
 
-    def mended(tensor, scope) -> None:
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    def index(self) -> int:
+        return int(self.handle.data.squeeze())
+
+    def mended(tensor, *scope) -> None:  # 3.6 passes a scope that restores what it patched
+        patch(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     interpreter._patch_lang_tensor = mended
 
