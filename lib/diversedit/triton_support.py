@@ -31,15 +31,14 @@ def device_table(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
 def _mend_interpreter() -> None:
     """Triton's interpreter before 3.7 (torch 2.11 pins 3.6) makes a Python index of a scalar
     with ``int(array)``, which NumPy 2.4 refuses for the one-element arrays scalars are there,
-    so any loop whose bounds are read from memory fails; give it 3.7's squeeze. Compiled
-    kernels are not concerned."""
+    so any loop whose bounds are read from memory fails; give every interpreter 3.7's squeeze
+    (what 3.7 and later do anyway). Compiled kernels are not concerned."""
     if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
         return
-    import triton
     from triton.runtime import interpreter
 
     patch = getattr(interpreter, "_patch_lang_tensor", None)
-    if tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7) or patch is None:
+    if patch is None:
         return
 
     def index(self) -> int:
