@@ -19,6 +19,11 @@ def test_bench_cli_writes_json(tmp_path):
     assert [r["variant"] for r in rows] == ["sit", "diversedit"]
     assert all(r["images_per_s"] > 0 and r["batch"] == 2 for r in rows)
     assert rows[0]["overhead_vs_sit"] == 0 and "torch" in report["machine"]
+    assert all(len(r["step_times_ms"]) == 1 for r in rows)  # every timed step, recorded
+    assert rows[0]["overhead_paired"] == 0 and rows[1]["overhead_paired"] == pytest.approx(
+        rows[1]["step_times_ms"][0] / rows[0]["step_times_ms"][0] - 1
+    )
+    assert all(r["overhead_ci95"] is None for r in rows)  # one round: no interval
     code = report["machine"]  # the code that was measured: a checkout's commit and dirty flag
     assert len(code["git_commit"]) == 40 and isinstance(code["dirty"], bool)
     assert ("triton" in code) == (importlib.util.find_spec("triton") is not None)
@@ -132,3 +137,29 @@ def test_kernel_classes():
     assert kernel_class("block_grads") == kernel_class("column_sums") == "diversity"
     assert kernel_class("triton_per_fused_add_mul_native_layer_norm_3") == "compiled"
     assert kernel_class("void at::native::vectorized_elementwise_kernel<4>") == "other"
+
+
+def test_median_interval_order_statistics_and_coverage():
+    """The distribution-free interval of the median: the textbook ranks, and at least 95%
+    coverage of a known median in simulation (a wrong rank fails one or the other)."""
+    import random
+
+    from diversedit.bench import median_ci, paired_overhead
+
+    assert median_ci(range(5)) is None  # even the extremes cover only 93.75%
+    assert median_ci(range(6)) == (0, 5)
+    assert median_ci(range(12)) == (2, 9)  # 3rd and 10th of 12
+    assert median_ci(list(range(100))[::-1]) == (39, 60)  # 40th and 61st of 100, any order
+    rng = random.Random(0)
+    for n in (6, 9, 15, 40):
+        covered = 0
+        for _ in range(2000):
+            lo, hi = median_ci([rng.expovariate(1.0) for _ in range(n)])
+            covered += lo <= 0.6931471805599453 <= hi  # the median of Exp(1): ln 2
+        assert 0.945 <= covered / 2000 <= 0.995, (n, covered)
+    # paired by round: a machine that runs every third round 50% slower moves both alike
+    base = [100.0, 100.0, 150.0] * 4
+    median, (lo, hi) = paired_overhead([1.1 * b for b in base], base)
+    assert median == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        paired_overhead([1.0, 2.0], [1.0])

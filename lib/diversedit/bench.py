@@ -10,6 +10,7 @@ description recorded beside it.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import time
@@ -91,6 +92,7 @@ class StepResult:
     diversity_triton: bool = False
     page_faults: float | None = None  # median minor page faults per step (host memory)
     update: str = "library"  # how clip, AdamW and EMA ran (``precision.update``)
+    step_times_ms: list[float] | None = None  # every timed step, in order (rounds, interleaved)
 
 
 def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, ObjectiveConfig]:
@@ -273,6 +275,7 @@ def _result(
         size, variant, st.device, st.dtype, st.batch, st.compile_model, st.batch / median,
         1e3 * median, peak, flops, mfu, diversity_triton=st.diversity_triton,
         page_faults=statistics.median(faults), update=st.update,
+        step_times_ms=[1e3 * t for t in times],
     )  # fmt: skip
 
 
@@ -327,6 +330,26 @@ def bench_train_steps_interleaved(
         result.profile = profile_step(step, device) if profile else None
         results.append(result)
     return results
+
+
+def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval of the median: the k-th smallest and k-th largest
+    values, for the largest k whose binomial coverage is at least ``level``; None when even the
+    extremes cover less (fewer than 6 values at 95%)."""
+    xs, n = sorted(values), len(values)
+    k = 0
+    while k < n // 2 and 1 - 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n >= level:
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k else None
+
+
+def paired_overhead(
+    times_ms: Sequence[float], base_ms: Sequence[float]
+) -> tuple[float, tuple[float, float] | None]:
+    """Median over rounds of ``time / base time − 1`` for steps timed in the same round, and
+    its 95% interval (:func:`median_ci`): slow drift of the machine cancels within a round."""
+    ratios = [t / b - 1 for t, b in zip(times_ms, base_ms, strict=True)]
+    return statistics.median(ratios), median_ci(ratios)
 
 
 LOSS_IMPLS = ("fused", "autograd", "compiled", "triton", "triton_compiled")  # triton*: CUDA
@@ -586,18 +609,25 @@ def run(
         for result in results:
             r = asdict(result)
             r["timing"] = "interleaved" if interleave else "sequential"
-            base = r["step_ms"] if r["variant"] == "sit" else base
-            r["overhead_vs_sit"] = r["step_ms"] / base - 1 if base else None
+            base = r if r["variant"] == "sit" else base
+            r["overhead_vs_sit"] = r["step_ms"] / base["step_ms"] - 1 if base else None
+            paired = None, None  # interleaved: each round's overhead, median and interval
+            if base and interleave:
+                paired = paired_overhead(r["step_times_ms"], base["step_times_ms"])
+            r["overhead_paired"], r["overhead_ci95"] = paired
             report["train_step"].append(r)
+            ci = r["overhead_ci95"]
             print(
                 f"{size:>5} {r['variant'] + ('+triton' * r['diversity_triton']):>16} "
                 f"{r['images_per_s']:9.1f} img/s "
                 f"{r['step_ms']:8.2f} ms"
                 + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "")
                 + (f"  {r['page_faults']:.0f} page faults" if device == "cpu" else "")
-                + (f"  +{r['overhead_vs_sit']:.1%}" if r["overhead_vs_sit"] is not None else ""),
+                + (f"  +{r['overhead_vs_sit']:.1%}" if r["overhead_vs_sit"] is not None else "")
+                + (f" (paired {r['overhead_paired']:+.1%}, 95% {ci[0]:+.1%}..{ci[1]:+.1%})"
+                   if ci and r["variant"] != "sit" else ""),
                 flush=True,
-            )
+            )  # fmt: skip
             save()
         impls = [i for i in LOSS_IMPLS if not i.startswith("triton") or device.startswith("cuda")]
         for impl in impls if "loss" in parts else ():
