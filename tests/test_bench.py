@@ -163,3 +163,44 @@ def test_median_interval_order_statistics_and_coverage():
     assert median == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
     with pytest.raises(ValueError):
         paired_overhead([1.0, 2.0], [1.0])
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (["--sizes", "tiny,Q/2"], "unknown bench sizes ['Q/2']; choose from tiny, S/1, S/2"),
+        (["--variants", "sit,fast"], "unknown bench variants ['fast']; choose from sit, long_skip"),
+        (["--parts", "loss,speed"], "unknown bench parts ['speed']; choose from train, loss"),
+        (["--device", "gpu"], "--device gpu: not a device; choose cpu, cuda or cuda:N"),
+        (["--device", "cuda"], "--device cuda: no CUDA device is available"),
+    ],
+)
+def test_bench_cli_checks_every_value_before_timing(flag, message, tmp_path, capsys, monkeypatch):
+    """Every size, variant, part and the device are checked before the first measurement:
+    one error line, exit status 2, no JSON (``tiny`` would be timed and written first)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on a machine without GPU
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as err:
+        main(["bench", "--sizes", "tiny", "--parts", "loss", "--steps", "1", "--batch", "2",
+              "--out", str(out), *flag])  # fmt: skip
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"error: diversedit bench: {message}") and stderr.count("\n") == 1
+    assert not out.exists()
+
+
+def test_bench_run_checks_options_before_building(tmp_path, monkeypatch):
+    """The library entry refuses a bad device or a CUDA index beyond the machine's count."""
+    import torch
+
+    from diversedit.bench import check_options, run
+
+    out = tmp_path / "bench.json"
+    with pytest.raises(ValueError, match="--device gpu: not a device"):
+        run(["tiny"], ["sit"], device="gpu", batch=2, dtype=None, compile_model=False, out=out)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"--device cuda:1: only 1 CUDA device\(s\) are"):
+        check_options(["loss"], "default", device="cuda:1")
+    assert not out.exists()

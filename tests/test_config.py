@@ -249,7 +249,7 @@ def test_params_files_load_and_round_trip(path, tmp_path):
         assert cfg.objective.diversity.pair_encoder_depth == 8
 
 
-def test_paper_params_need_their_assets(world):
+def test_paper_params_need_their_assets(world, monkeypatch):
     path = ROOT / "params" / "train" / "repa_b2_diversedit.yaml"
     with pytest.raises(
         ConfigError, match=r"repa_b2_diversedit\.yaml: encoder\.weights: .*pretrain"
@@ -257,6 +257,11 @@ def test_paper_params_need_their_assets(world):
         load_config(path)
     (world / "w.pth").write_bytes(b"")
     ok = {"encoder.weights": "w.pth", "data.path": "imagenet_ok"}
+    with pytest.raises(ConfigError, match=r"encoder\.weights: w\.pth is not a readable PyTorch"):
+        load_config(path, ok)
+    # contents are checked by tests/test_encoders.py and tests/test_data.py
+    monkeypatch.setattr("diversedit.encoders.check_weights", lambda *_: None)
+    monkeypatch.setattr("diversedit.data.latents.LatentDataset", lambda _: None)
     assert load_config(path, ok).encoder.weights == "w.pth"
     with pytest.raises(ConfigError, match=r"data\.path: 'imagenet_partial' has no vae-sd/"):
         load_config(path, ok | {"data.path": "imagenet_partial"})

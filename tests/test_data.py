@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers / huggingface_hub are imported
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diversedit.config import ConfigError, load_config
 from diversedit.data import (
     DigitsDataset,
     LatentDataset,
@@ -23,6 +25,8 @@ from diversedit.data import (
     sample_latents,
 )
 from diversedit.data import prepare as prep
+
+SIT_B2 = Path(__file__).resolve().parents[1] / "params" / "train" / "sit_b2_diversedit.yaml"
 
 # ----------------------------------------------------------------------------- digits
 
@@ -271,6 +275,26 @@ def test_latent_dataset_errors(tmp_path):
     (tmp_path / "vae-sd" / "dataset.json").write_text(json.dumps({"labels": names}))
     ds = LatentDataset(tmp_path)
     assert ds.labels.tolist() == [7, 6, 5] and ds[2][0].dtype == torch.float32
+
+
+def test_params_check_rejects_an_inconsistent_latent_folder(prepared, tmp_path):
+    """data.path is checked as the trainer reads it, before anything is built or written."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "vae-sd").mkdir()
+    at = {"data.path": str(tmp_path), "data.image_size": 32, "results_dir": str(tmp_path / "r")}
+    key = r"sit_b2_diversedit\.yaml \(overrides\): data\.path: "
+    with pytest.raises(ConfigError, match=key + r".*0 PNGs under images/ but 0 \.npy under"):
+        load_config(SIT_B2, at)
+    PIL.Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    np.save(tmp_path / "vae-sd" / "b.npy", np.zeros((8, 4, 4), np.float32))
+    with pytest.raises(ConfigError, match=key + r".*do not match \(a\.png paired with b\.npy\)"):
+        load_config(SIT_B2, at)
+    (tmp_path / "vae-sd" / "b.npy").rename(tmp_path / "vae-sd" / "a.npy")
+    (tmp_path / "images" / "dataset.json").write_text("[]")
+    with pytest.raises(ConfigError, match=key + r".*dataset\.json is not a labels file"):
+        load_config(SIT_B2, at)
+    assert not (tmp_path / "r").exists()
+    assert load_config(SIT_B2, at | {"data.path": str(prepared[0])}).data.image_size == 32
 
 
 def test_sample_latents_statistics():

@@ -1,6 +1,7 @@
 """External encoders: the digits-cnn stand-in (trained, cached) and DINOv2 loading/preprocessing."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_digits_cnn_cache_location(cnn, tmp_path, monkeypatch):
 def test_stale_cache_is_retrained(cnn, tmp_path, monkeypatch):
     encoder, _, _ = cnn
     stale = tmp_path / "old.pt"
-    torch.save({"state_dict": {}, "meta": {"format": "something-else"}}, stale)
+    torch.save({"state_dict": {}, "meta": {"format": "diversedit-digits-cnn/0"}}, stale)
     calls = []
     monkeypatch.setattr(
         encoders,
@@ -71,6 +72,31 @@ def test_stale_cache_is_retrained(cnn, tmp_path, monkeypatch):
     build_encoder("digits-cnn", stale, resolution=8)
     assert calls == [1]
     assert torch.load(stale, weights_only=True)["meta"]["format"] == encoders.DIGITS_CNN_FORMAT
+
+
+def test_digits_cnn_refuses_other_files_and_keeps_them(cnn, tmp_path, monkeypatch):
+    """A file that is not a digits-cnn cache fails with its path and is never overwritten."""
+    encoder, path, _ = cnn
+    _forbid_training(monkeypatch)
+    wrong_keys = {"state_dict": {"a": torch.zeros(1)}, "meta": dict(encoder.meta)}
+    cases = {
+        "garbage.pth": (None, r"not a readable PyTorch checkpoint \(UnpicklingError\)"),
+        "foreign.pth": ({"a": torch.zeros(1)}, "is not a digits-cnn checkpoint; expected"),
+        "wrong_keys.pth": (wrong_keys, r"14 missing keys: features\.0\.weight, .*; 1 unexp"),
+    }
+    for name, (content, message) in cases.items():
+        file = tmp_path / name
+        if content is None:
+            file.write_bytes(os.urandom(1000))
+        else:
+            torch.save(content, file)
+        before = file.read_bytes()
+        for check in (encoders.check_weights, build_encoder):
+            with pytest.raises(ValueError, match=message) as err:
+                check("digits-cnn", file)
+            assert str(file) in str(err.value) and "weights_only" not in str(err.value)
+        assert file.read_bytes() == before
+    encoders.check_weights("digits-cnn", path)
 
 
 def test_digits_cnn_is_a_real_pretrained_classifier(cnn):
@@ -208,6 +234,46 @@ def test_dinov2_missing_weights_message(tmp_path):
         build_encoder("dinov2-vit-l", None)
     with pytest.raises(ValueError, match="unknown encoder"):
         build_encoder("dinov3", None)
+
+
+def test_dinov2_rejects_unreadable_and_foreign_files(dinov2_file, shallow_timm, tmp_path):
+    garbage, foreign = tmp_path / "garbage.pth", tmp_path / "foreign.pth"
+    garbage.write_bytes(os.urandom(1000))
+    torch.save({"a": torch.zeros(1)}, foreign)
+    expected = r"; expected dinov2_vits14_pretrain\.pth \(https://.*\) or a timm "
+    cases = {
+        garbage: r"not a readable PyTorch checkpoint \(UnpicklingError\)" + expected,
+        foreign: r"not a dinov2-vit-s checkpoint \(\d+ missing keys: cls_token, pos_embed, "
+        r"patch_embed\.proj\.weight, …; 1 unexpected keys: a\)" + expected,
+    }
+    for file, message in cases.items():
+        for check in (encoders.check_weights, build_encoder):
+            with pytest.raises(ValueError, match=message) as err:
+                check("dinov2-vit-s", file)
+            assert str(file) in str(err.value) and "weights_only" not in str(err.value)
+    with pytest.raises(ValueError, match=r"not a dinov2-vit-b checkpoint \(\d+ shape mismatches"):
+        encoders.check_weights("dinov2-vit-b", dinov2_file[0])  # a ViT-S file
+    rng = torch.get_rng_state()
+    encoders.check_weights("dinov2-vit-s", dinov2_file[0])
+    assert torch.equal(torch.get_rng_state(), rng)  # meta-device model: no init, no RNG draws
+
+
+def test_params_check_names_encoder_weights(dinov2_file, shallow_timm, tmp_path):
+    """load_config (the CLI's check before any work) reports bad weights under their key."""
+    from diversedit.config import ConfigError, load_config
+
+    params = Path(__file__).resolve().parents[1] / "params" / "train" / "repa_b2_diversedit.yaml"
+    garbage, foreign = tmp_path / "garbage.pth", tmp_path / "foreign.pth"
+    garbage.write_bytes(os.urandom(1000))
+    torch.save({"a": torch.zeros(1)}, foreign)
+    at = {"data.path": str(tmp_path), "results_dir": str(tmp_path / "r")}
+    for file, what in ((garbage, "not a readable"), (foreign, "not a dinov2-vit-b checkpoint")):
+        with pytest.raises(ConfigError) as err:
+            load_config(params, at | {"encoder.weights": str(file)})
+        assert err.value.key == "encoder.weights" and str(file) in err.value.detail
+        assert what in err.value.detail and "dinov2_vitb14_pretrain.pth" in err.value.detail
+        assert str(err.value).startswith(f"{params} (overrides): encoder.weights: ")
+    assert not (tmp_path / "r").exists()
 
 
 # ----------------------------------------------------------------------------- DINOv2 (real)

@@ -288,7 +288,7 @@ def test_bad_sources_and_settings_fail_clearly(loaded, tmp_path):
         load_for_sampling(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no step_"):
         load_for_sampling(tmp_path)
-    with pytest.raises(ValueError, match="'mode'"):
+    with pytest.raises(ValueError, match=r"^mode: .*mode='dopri5' \(need one of \('ode'"):
         SamplingConfig(mode="dopri5")
     with pytest.raises(ValueError, match="cfg_scale"):
         SamplingConfig(mode="meanflow", cfg_scale=1.8)
@@ -317,3 +317,21 @@ def test_command_line(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main([*argv, "--guidance-high", "2"])
     assert err.value.code == 2
+
+
+def test_command_line_missing_source(tmp_path, capsys):
+    """``diversedit sample`` of a path that does not exist or holds no checkpoint: one error
+    line, exit status 2, nothing written."""
+    from diversedit.__main__ import main as cli
+
+    for source, message in (
+        (tmp_path / "missing", f"sampling source {tmp_path / 'missing'} does not exist"),
+        (tmp_path, f"no step_XXXXXXXX.pt checkpoint in {tmp_path}"),
+    ):
+        _reset_accelerate()
+        with pytest.raises(SystemExit) as err:
+            cli(["sample", str(source), "--out", str(tmp_path / "out"), "--no-progress"])
+        assert err.value.code == 2
+        stderr = capsys.readouterr().err
+        assert stderr.startswith(f"error: {message}") and stderr.count("\n") == 1
+    assert not any(tmp_path.iterdir())

@@ -591,6 +591,27 @@ def test_cli_writes_json_with_n_and_extractor(tmp_path, capsys, digits_extractor
     assert "uint8" in capsys.readouterr().err
 
 
+def test_cli_digits_reference_is_every_digit_at_the_samples_resolution(tmp_path, capsys):
+    """``evaluate digits …``: the 1,797 digits images at the samples' size, written once to
+    the cache and reused; the test split's own images are close to them, noise is not."""
+    from diversedit.metrics.evaluate import digits_reference
+
+    samples = save_adm_npz(tmp_path / "samples.npz", digits_images("test", 8)[0][:64])
+    noise = save_adm_npz(tmp_path / "noise.npz", noise_images(18, 64, size=8))
+    cache = tmp_path / "cache"
+    argv = ["--extractor", "digits-cnn", "--cache-dir", str(cache), "--out"]
+    assert main(["digits", str(samples), *argv, str(tmp_path / "a.json")]) == 0
+    ref = cache / "digits_8.npz"
+    assert load_adm_npz(ref).shape == (1797, 8, 8, 3)
+    assert np.array_equal(load_adm_npz(ref), digits_images("all", 8)[0])
+    stamp = ref.stat().st_mtime_ns
+    assert main(["digits", str(noise), *argv, str(tmp_path / "b.json")]) == 0
+    assert ref.stat().st_mtime_ns == stamp and digits_reference(8, cache) == ref  # reused
+    real, fake = (json.loads((tmp_path / f).read_text())["metrics"] for f in ("a.json", "b.json"))
+    assert real["N_ref"] == 1797 and real["FD_digits"] < fake["FD_digits"] / 5
+    assert "FD_digits" in capsys.readouterr().out
+
+
 def test_cli_inception_without_weights_exits_with_the_download_hint(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.delenv("DIVERSEDIT_INCEPTION_WEIGHTS", raising=False)

@@ -137,7 +137,7 @@ def test_validation_catches_bad_notebooks_and_row_files(tmp_path):
         "bad-extractor": {"row": "bad-extractor", "extractor": "dinov2"},
     }
     for name, change in cases.items():
-        _write(rows / f"{name}.yaml", yaml.safe_dump(good | change))
+        _write(rows / f"{name}.yaml", yaml.safe_dump(good | {"label": name} | change))
     _write(tmp_path / "params" / stem / "huge" / "x.yaml", yaml.safe_dump(good))
     problems = "\n".join(validate_params(tmp_path))
     assert "shell escape '!ls'" in problems
@@ -150,6 +150,51 @@ def test_validation_catches_bad_notebooks_and_row_files(tmp_path):
     assert "bad-extractor.yaml" in problems and "extractor" in problems
     assert "huge: not a tier" in problems
     assert "sit-b.yaml" not in problems
+
+
+def test_reproduce_checks_the_rows_to_run_before_running_any(tmp_path, capsys):
+    """Bad sampler settings, a misspelled key, missing weights or reference files and shared
+    labels stop ``reproduce`` before any row runs (``--validate`` names the first and last)."""
+    stem = "t01_model_scales"
+    _write(
+        tmp_path / "notebooks" / f"{stem}.py", (REPO_ROOT / "notebooks" / f"{stem}.py").read_text()
+    )
+    good = read_row_file(REPO_ROOT / "params" / stem / "smoke" / "sit-b.yaml")
+    good["train"] = str(REPO_ROOT / good["train"])
+    rows = tmp_path / "params" / stem / "smoke"
+    cases = {
+        "sit-b": {},
+        "rk4": {"sampler": "rk4"},
+        "typo": {"sampler_stpes": 10},
+        "no-weights": {"extractor": "inception", "inception_weights": str(tmp_path / "no.pth")},
+        "no-reference": {"reference": str(tmp_path / "VIRTUAL_missing.npz")},
+        "copy-a": {"label": "same label"},
+        "copy-b": {"label": "same label"},
+    }
+    for name, change in cases.items():
+        _write(rows / f"{name}.yaml", yaml.safe_dump(good | {"row": name, "label": name} | change))
+    results = tmp_path / "results"
+    args = dict(results_dir=results, root=tmp_path, kernel="no-such-kernel")
+    with pytest.raises(ValueError, match="nothing was run") as err:
+        reproduce(None, "smoke", **args)
+    text = str(err.value)
+    assert "rk4.yaml" in text and "sampler: invalid" in text and "'rk4'" in text
+    assert "typo.yaml: 'sampler_stpes' is not a parameter" in text
+    assert "no-weights.yaml" in text and "inception_weights: Inception weights not found" in text
+    assert "no-reference.yaml" in text and "VIRTUAL_missing.npz does not exist" in text
+    assert "copy-b.yaml: label 'same label' is also the label of copy-a.yaml" in text
+    assert "sit-b.yaml" not in text and not results.exists()  # nothing ran, nothing written
+    with pytest.raises(ValueError) as err:  # only the rows to run are checked
+        reproduce(None, "smoke", rows=["rk4", "copy-a"], **args)
+    assert "rk4.yaml" in str(err.value) and "copy-b.yaml" in str(err.value)
+    assert "typo.yaml" not in str(err.value)
+    # a good row passes the check and reaches the kernel (which does not exist here)
+    assert reproduce(None, "smoke", rows=["sit-b"], **args) == 1
+    assert "no-such-kernel" in _statuses(results)["sit-b"]["error"].lower()
+    problems = "\n".join(validate_params(tmp_path))
+    assert "rk4.yaml: sampler: invalid" in problems and "'same label'" in problems
+    assert main(["t01", "--results", str(results)], root=tmp_path) == 2
+    assert "nothing was run" in capsys.readouterr().err
 
 
 def test_notebook_problems_counts_parameters_cells(tmp_path):

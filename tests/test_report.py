@@ -6,6 +6,7 @@ One report build per module (kernel start ≈ 10 s); everything else runs withou
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib.util
 import json
 import math
@@ -418,6 +419,14 @@ def test_table_frame_and_figures(tmp_path):
     assert SMOKE_BANNER in report.banner(agg, "t01", "smoke").data
     assert "pending" in report.banner(agg, "t01", "paper").data
     assert "pending" in report.styled_table(agg, "t01", "smoke").to_html()
+    # a result whose label another row also has (a copied row file): both rows stay, by slug
+    copy = dataclasses.replace(_smoke_result("sit-b"), row="sit-b-copy", label="SiT-B")
+    write_result(copy, results)
+    agg2 = aggregate(results, PUBLISHED)
+    frame2 = report.table_frame(agg2, "t01", "smoke")
+    assert {"SiT-B (sit-b)", "SiT-B (sit-b-copy)"} <= set(frame2.index)
+    assert frame2.index.is_unique and "SiT-B + Ours" in frame2.index
+    assert "SiT-B (sit-b-copy)" in report.styled_table(agg2, "t01", "smoke").to_html()
 
     fig = report.comparison_figure(agg, "t01")
     traces = {t.name: t for t in fig.data}

@@ -238,20 +238,23 @@ def test_two_process_ddp_resume_is_exact(tmp_path):
 
 
 def test_cli_rejects_bad_params_before_writing(tmp_path):
+    def train(params, *sets):
+        sets = [f"results_dir={tmp_path}/r", *sets]
+        cmd = [sys.executable, "-m", "diversedit", "train", str(params)]
+        cmd += [arg for key in sets for arg in ("--set", key)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
     bad = tmp_path / "bad.yaml"
     bad.write_text((PARAMS / "digits_sit.yaml").read_text() + "\nlearning_rate: 1e-3\n")
-    cmd = [
-        sys.executable,
-        "-m",
-        "diversedit",
-        "train",
-        str(bad),
-        "--set",
-        f"results_dir={tmp_path}/r",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = train(bad)
     assert done.returncode == 2
     assert "bad.yaml" in done.stderr and "learning_rate" in done.stderr
+    garbage = tmp_path / "fake.pth"  # encoder weights that exist but are no checkpoint
+    garbage.write_bytes(os.urandom(1000))
+    repa = PARAMS / "repa_b2_diversedit.yaml"
+    done = train(repa, f"encoder.weights={garbage}", f"data.path={tmp_path}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: {repa} (overrides): encoder.weights: {garbage} is not" in done.stderr
     assert not (tmp_path / "r").exists()
 
 
@@ -399,15 +402,18 @@ def test_fused_update_trains_like_the_library_update(tmp_path, monkeypatch, impl
                                            atol=1e-7, rtol=1e-4)  # fmt: skip
 
 
-def test_resume_may_change_how_a_run_executes_not_what_it_trains(tmp_path):
+def test_resume_may_change_how_a_run_executes_not_what_it_trains(tmp_path, capsys):
     """Settings left out of the run hash (logging, compilation...) may differ on resume and are
-    recorded per start; a hashed value that differs from the run's config.json is refused."""
+    recorded per start; a hashed value that differs from the run's config.json is refused.
+    Resuming and finding the run finished are said on stdout."""
     import json
 
     run = trainer(config(tmp_path, **{"optim.max_steps": 4})).fit(2)
+    assert str(run) not in capsys.readouterr().out  # a fresh start says nothing
     tr = trainer(config(tmp_path, **{"optim.max_steps": 4, "logging.log_every": 1}))
     assert tr.step == 2
     tr.fit()
+    assert f"resuming {run} from step 2\n" in capsys.readouterr().out
     starts = [json.loads(line) for line in (run / "provenance.jsonl").read_text().splitlines()]
     assert [s["step"] for s in starts] == [0, 2]
     assert all(s["precision"]["mixed_precision"] == "no" for s in starts)
@@ -415,6 +421,7 @@ def test_resume_may_change_how_a_run_executes_not_what_it_trains(tmp_path):
     del saved["precision"]["update"]  # as versions without that setting wrote it
     (run / "config.json").write_text(json.dumps(saved))
     assert trainer(config(tmp_path, **{"optim.max_steps": 4})).fit() == run
+    assert f"{run} already finished at step 4; nothing to do\n" in capsys.readouterr().out
     saved["seed"] = 1
     (run / "config.json").write_text(json.dumps(saved))
     with pytest.raises(RuntimeError, match=r"config\.json differs from this run's configuration"):

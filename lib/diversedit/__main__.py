@@ -1,8 +1,9 @@
 """Command line (``diversedit`` or ``python -m diversedit``): prepare, train, sample, evaluate,
 reproduce, report, bench.
 
-Exit codes: 0 done, 2 invalid parameters (nothing written), 85 preempted after a checkpoint
-(SIGTERM / SIGUSR1: requeue the job; it resumes automatically).
+Exit codes: 0 done, 2 invalid parameters or a missing input path (an ``error: ...`` line;
+nothing written), 85 preempted after a checkpoint (SIGTERM / SIGUSR1: requeue the job; it
+resumes automatically).
 """
 
 from __future__ import annotations
@@ -12,23 +13,29 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+class UsageError(SystemExit):
+    """Invalid parameters: :func:`main` prints ``error: <message>`` and the process exits with
+    status 2 (``str()`` is the message, ``code`` is 2)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 2
+
+
 def _bench(args: argparse.Namespace) -> None:
     from .bench import VARIANTS, check_options, run
 
+    sizes, parts = args.sizes.split(","), args.parts.split(",")
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
-    parts = args.parts.split(",")
     try:
         check_options(
-            parts, args.compile_mode, args.compile_scope,
+            parts, args.compile_mode, args.compile_scope, sizes=sizes, variants=variants,
             device=args.device, diversity_triton=args.diversity_triton, update=args.update,
         )  # fmt: skip
     except ValueError as err:
-        raise SystemExit(f"diversedit bench: {err}") from None
+        raise UsageError(f"diversedit bench: {err}") from None
     run(
-        args.sizes.split(","),
+        sizes,
         variants,
         device=args.device,
         batch=args.batch,
@@ -55,6 +62,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from .report import build_report
 
+    if not args.published.is_dir():  # else a report without the published numbers
+        raise UsageError(f"--published {args.published}: no such directory of published numbers")
     print(f"report: {build_report(args.results, args.published).resolve()}")
 
 
@@ -63,22 +72,20 @@ def _overrides(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
+            raise UsageError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set optim.lr=2e-4")
         out[key] = value
     return out
 
 
 def _train(args: argparse.Namespace) -> None:
     import json
-    import sys
 
     from .config import ConfigError, load_config
 
     try:
         cfg = load_config(args.params, _overrides(args.set), check_paths=not args.dry_run)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise UsageError(str(err)) from None
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
         print(f"run directory: {cfg.run_dir()}")
@@ -220,7 +227,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench.add_argument("--out", type=Path, default=None, help="JSON file to write")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
-    args.func(args)
+    # a missing input (e.g. a run directory to sample) is bad input; in training or a
+    # benchmark it would be a crash, whose traceback is kept
+    bad_input = (UsageError,) if args.func in (_train, _bench) else (UsageError, FileNotFoundError)
+    try:
+        args.func(args)
+    except bad_input as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise UsageError(str(err)) from None
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from .host_memory import keep_freed_memory
 from .losses.diversity import DiversityConfig, diversity_loss
 from .losses.objective import ObjectiveConfig, compute_loss
 from .losses.repa import RepaConfig
-from .models import create_model, model_config
+from .models import MODEL_NAMES, create_model, model_config
 from .models.sit import SiTConfig
 from .sampling import euler_maruyama_sampler
 from .triton_support import triton_runs_on
@@ -52,6 +52,7 @@ TINY = dict(depth=12, hidden_size=192, num_heads=3, input_size=16, patch_size=2,
 # Dense bf16 tensor-core peak (FLOP/s) by device name fragment.
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 PARTS = ("train", "loss", "optimizer", "sampler", "inception")
+SIZES = ("tiny", *(name.removeprefix("SiT-") for name in MODEL_NAMES))  # tiny, S/1 … XL/8
 
 
 @dataclass(frozen=True)
@@ -525,15 +526,38 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def _check_choices(what: str, given: Sequence[str], valid: Sequence[str]) -> None:
+    """ValueError naming the values of ``given`` not in ``valid``, and listing ``valid``."""
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown bench {what} {unknown}; choose from {', '.join(valid)}")
+
+
+def _check_device(device: str) -> None:
+    """ValueError for a device string other than a CPU or CUDA one, or a CUDA device this
+    machine lacks."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: not a device; choose cpu, cuda or cuda:N")
+    if dev.type == "cuda" and (dev.index or 0) >= (count := torch.cuda.device_count()):
+        found = f"only {count} CUDA device(s) are" if count else "no CUDA device is"
+        raise ValueError(f"--device {device}: {found} available")
+
+
 def check_options(
     parts: Sequence[str], compile_mode: str, compile_scope: str = "model", *,
-    device: str = "cpu", diversity_triton: bool = False, update: str = "library",
+    sizes: Sequence[str] = (), variants: Sequence[str] = (), device: str = "cpu",
+    diversity_triton: bool = False, update: str = "library",
 ) -> None:  # fmt: skip
-    """ValueError for an unknown part, compile mode, scope or update, or Triton kernels on a
-    device that cannot run them, before anything is built."""
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        raise ValueError(f"unknown bench parts {unknown}; choose from {PARTS}")
+    """ValueError for an unknown size, variant, part, device, compile mode, scope or update, or
+    Triton kernels on a device that cannot run them, before anything is built or timed."""
+    _check_choices("sizes", sizes, SIZES)
+    _check_choices("variants", variants, tuple(VARIANTS))
+    _check_choices("parts", parts, PARTS)
+    _check_device(device)
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {compile_mode!r}; choose from {COMPILE_MODES}")
     if compile_scope not in COMPILE_SCOPES:
@@ -570,15 +594,15 @@ def run(
     the JSON after each measurement. ``interleave`` (default: on CPU) times the training variants
     round-robin instead of one after another. ``dtype`` None: bf16 on CUDA, fp32 elsewhere. On
     the CPU, freed memory stays in the process as in CPU training (:mod:`.host_memory`)."""
+    check_options(
+        parts, compile_mode, compile_scope, sizes=sizes, variants=variants, device=device,
+        diversity_triton=diversity_triton, update=update,
+    )  # fmt: skip
     interleave = device == "cpu" if interleave is None else interleave
     step_settings = StepSettings(
         device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton, update
     )  # fmt: skip
     dtype = step_settings.dtype
-    check_options(
-        parts, compile_mode, compile_scope, device=device, diversity_triton=diversity_triton,
-        update=update,
-    )  # fmt: skip
     settings = {
         "device": device, "batch": batch, "dtype": dtype, "compile": compile_model,
         "compile_mode": compile_mode if compile_model else None,
@@ -623,7 +647,7 @@ def run(
                 f"{r['step_ms']:8.2f} ms"
                 + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "")
                 + (f"  {r['page_faults']:.0f} page faults" if device == "cpu" else "")
-                + (f"  +{r['overhead_vs_sit']:.1%}" if r["overhead_vs_sit"] is not None else "")
+                + (f"  {r['overhead_vs_sit']:+.1%}" if r["overhead_vs_sit"] is not None else "")
                 + (f" (paired {r['overhead_paired']:+.1%}, 95% {ci[0]:+.1%}..{ci[1]:+.1%})"
                    if ci and r["variant"] != "sit" else ""),
                 flush=True,

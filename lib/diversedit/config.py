@@ -27,8 +27,9 @@ import numbers
 import os
 import re
 import types
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import MISSING, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -433,7 +434,10 @@ class RunConfig:
         return Path(self.results_dir) / "runs" / f"{self.name}-{self.hash()}"
 
     def check_paths(self) -> None:
-        """Check the files the run reads: encoder weights and the prepared ImageNet folder."""
+        """Check the files the run reads: the encoder weights load into the encoder (compared on
+        the meta device) and the prepared ImageNet folder pairs every image with its latents."""
+        from .encoders import check_weights
+
         enc, data = self.encoder, self.data
         if enc.weights is not None:
             fetch = (
@@ -446,6 +450,7 @@ class RunConfig:
                 "encoder.weights",
                 f"{enc.weights!r} is not an existing file{fetch}",
             )
+            _checked("encoder.weights", check_weights, enc.name, enc.weights)
         if data.kind != "imagenet_latents":
             return
         how = "run `diversedit prepare` first"
@@ -470,6 +475,8 @@ class RunConfig:
                 "data.path",
                 f"{data.path!r} has no {sub}/ folder; put {what} in {root / sub} ({how})",
             )
+        stamp = tuple((root / sub).stat().st_mtime_ns for sub in ("images", "vae-sd"))
+        _checked("data.path", _dataset_pairs, str(root.resolve()), stamp)
 
     # ------------------------------------------------------------------ internal checks
 
@@ -959,6 +966,23 @@ def _above(obj: Any, name: str, low: float) -> None:
 def _check(ok: bool, key: str, detail: str) -> None:
     if not ok:
         raise ConfigError(key, detail)
+
+
+@lru_cache(maxsize=8)
+def _dataset_pairs(root: str, stamp: tuple[int, ...]) -> None:
+    """Index the prepared folder once per process and folder state (``stamp``: its subfolders'
+    mtimes): listing ImageNet takes seconds, and ``reproduce`` checks it for every row."""
+    from .data.latents import LatentDataset
+
+    LatentDataset(root)
+
+
+def _checked(key: str, check: Callable[..., Any], *args: Any) -> None:
+    """Run ``check(*args)``; its ValueError or OSError becomes a ConfigError naming ``key``."""
+    try:
+        check(*args)
+    except (ValueError, OSError) as err:
+        raise ConfigError(key, str(err)) from None
 
 
 def _join(prefix: str, key: str) -> str:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -30,7 +32,8 @@ DINOV2_TIMM = {
 }
 DIGITS_CNN = "digits-cnn"
 DIGITS_CNN_DIM = 64
-DIGITS_CNN_FORMAT = "diversedit-digits-cnn/1"
+DIGITS_CNN_KIND = "diversedit-digits-cnn/"  # every version's cache format starts so
+DIGITS_CNN_FORMAT = DIGITS_CNN_KIND + "1"
 ENCODER_NAMES = (*DINOV2_TIMM, DIGITS_CNN)
 
 
@@ -49,7 +52,67 @@ class Encoder(nn.Module):
         return super().train(False)
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def check_weights(name: str, weights: str | Path) -> None:
+    """Raise ValueError, naming the file and what was expected, unless ``weights`` loads into
+    encoder ``name`` (keys and shapes are compared with a meta-device model: no compute)."""
+    path = Path(weights).expanduser()
+    if name in DINOV2_TIMM:
+        with torch.device("meta"):
+            model = _dinov2_model(name, 256)
+        _dinov2_state(name, path, model)
+    elif name == DIGITS_CNN:
+        _digits_cnn_checkpoint(path)
+    else:
+        raise ValueError(f"unknown encoder {name!r}; choose from {ENCODER_NAMES}")
+
+
+def _load(path: Path) -> Any:
+    """``torch.load`` of tensors, failing with the file named (not advice to unpickle code)."""
+    try:
+        return torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
+    except Exception as err:
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint ({type(err).__name__})"
+        ) from None
+
+
+def _tensors(state: Any) -> dict[str, Tensor]:
+    """The tensor entries of a state dict ({} for anything else)."""
+    if not isinstance(state, dict):
+        return {}
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _mismatch(model: nn.Module, state: dict[str, Tensor]) -> str:
+    """How ``state``'s keys and shapes differ from ``model``'s, a few of each ('' if they fit)."""
+    want = model.state_dict()
+    found = {
+        "missing keys": [k for k in want if k not in state],
+        "unexpected keys": [k for k in state if k not in want],
+        "shape mismatches": [
+            f"{k} {tuple(state[k].shape)} ≠ {tuple(want[k].shape)}"
+            for k in want
+            if k in state and state[k].shape != want[k].shape
+        ],
+    }
+    return "; ".join(
+        f"{len(keys)} {kind}: {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''}"
+        for kind, keys in found.items()
+        if keys
+    )
+
+
 # ----------------------------------------------------------------------------- DINOv2
+
+
+def _dinov2_url(name: str) -> str:
+    stem = DINOV2_TIMM[name][2]
+    return f"https://dl.fbaipublicfiles.com/dinov2/{stem}/{stem}_pretrain.pth"
 
 
 def dinov2_missing_message(name: str, path: str | Path | None) -> str:
@@ -57,14 +120,15 @@ def dinov2_missing_message(name: str, path: str | Path | None) -> str:
     stem = DINOV2_TIMM[name][2]
     where = "no file given" if path is None else f"{path} does not exist"
     return (
-        f"{name} weights missing ({where}). Download "
-        f"https://dl.fbaipublicfiles.com/dinov2/{stem}/{stem}_pretrain.pth "
+        f"{name} weights missing ({where}). Download {_dinov2_url(name)} "
         f"(e.g. to weights/{stem}_pretrain.pth) and set `encoder.weights` to that file "
         "(a timm state dict of the same model also works)."
     )
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    """The tensors of a checkpoint file (or of a folder's model.safetensors / pytorch_model.bin),
+    taken out of a ``model``, ``state_dict`` or ``teacher`` entry when there is one."""
     if path.is_dir():
         found = [
             path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()
@@ -75,11 +139,44 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path)
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+    state = _load(path)
     for key in ("model", "state_dict", "teacher"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    return _tensors(state)
+
+
+def _dinov2_model(name: str, resolution: int) -> nn.Module:
+    import timm
+
+    arch = DINOV2_TIMM[name][0]
+    return timm.create_model(
+        arch, pretrained=False, img_size=224 * resolution // 256, num_classes=0
+    )
+
+
+def _dinov2_state(name: str, path: Path, model: nn.Module) -> dict[str, Tensor]:
+    """The checkpoint's tensors in ``model``'s layout (pos-embed resampled by timm's
+    ``checkpoint_filter_fn``: bicubic, as REPA's ``resample_abs_pos_embed``); ValueError naming
+    the file and what was expected unless every key and shape fits."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    arch, _, stem = DINOV2_TIMM[name]
+    expected = f"expected {stem}_pretrain.pth ({_dinov2_url(name)}) or a timm {arch} state dict"
+    try:
+        state = _read_state_dict(path)
+    except ValueError as err:
+        raise ValueError(f"{err}; {expected}") from None
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "dino_head", "ibot"))}
+    state = checkpoint_filter_fn(state, model)
+    problem = _mismatch(model, state)
+    if problem:
+        raise ValueError(f"{path} is not a {name} checkpoint ({problem}); {expected}")
     return state
 
 
@@ -115,27 +212,14 @@ class DinoV2Encoder(Encoder):
 
 
 def build_dinov2(name: str, weights: str | Path | None, resolution: int = 256) -> DinoV2Encoder:
-    """timm DINOv2 at input 224·res/256 with weights from a local file (pos-embed resampled by
-    timm's ``checkpoint_filter_fn``: bicubic, as REPA's ``resample_abs_pos_embed``)."""
-    import timm
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
+    """timm DINOv2 at input 224·res/256 with weights from a local file (ValueError naming the
+    file unless it is a checkpoint of this model)."""
     if resolution % 16:
         raise ValueError(f"resolution must be a multiple of 16 for patch 14, got {resolution}")
     if weights is None or not Path(weights).expanduser().exists():
         raise FileNotFoundError(dinov2_missing_message(name, weights))
-    arch, dim, _ = DINOV2_TIMM[name]
-    model = timm.create_model(
-        arch, pretrained=False, img_size=224 * resolution // 256, num_classes=0
-    )
-    state = _read_state_dict(Path(weights).expanduser())
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "dino_head", "ibot"))}
-    state = checkpoint_filter_fn(state, model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{weights} is not a {name} checkpoint (embed dim {dim}): {err}") from err
+    model = _dinov2_model(name, resolution)
+    model.load_state_dict(_dinov2_state(name, Path(weights).expanduser(), model))
     return DinoV2Encoder(name, model.eval().requires_grad_(False), resolution)
 
 
@@ -281,11 +365,34 @@ def digits_cnn_cache_path(weights: str | Path | None = None) -> Path:
     return Path(root).expanduser() / "digits_cnn.pt"
 
 
+def _digits_cnn_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The digits-cnn cache at ``path``, or None when absent or of an older format (retrain it);
+    ValueError when the file is anything else, which is never overwritten."""
+    if not path.is_file():
+        return None
+    ckpt = _load(path)
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    fmt = str(meta.get("format")) if isinstance(meta, dict) else ""
+    expected = (
+        f"expected a digits-cnn cache written by diversedit (format {DIGITS_CNN_FORMAT}); "
+        "point encoder.weights at a new file to train and cache the CNN there"
+    )
+    if not fmt.startswith(DIGITS_CNN_KIND):
+        raise ValueError(f"{path} is not a digits-cnn checkpoint; {expected}")
+    if fmt != DIGITS_CNN_FORMAT:
+        return None
+    with torch.device("meta"):
+        problem = _mismatch(DigitsCNN(), _tensors(ckpt.get("state_dict")))
+    if problem:
+        raise ValueError(f"{path} is not a digits-cnn checkpoint ({problem}); {expected}")
+    return ckpt
+
+
 def load_or_train_digits_cnn(weights: str | Path | None = None) -> tuple[DigitsCNN, dict]:
     """Load the cached stand-in CNN, training and caching it (atomically) when absent or stale."""
     path = digits_cnn_cache_path(weights)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-    if ckpt is None or ckpt.get("meta", {}).get("format") != DIGITS_CNN_FORMAT:
+    ckpt = _digits_cnn_checkpoint(path)
+    if ckpt is None:
         state, meta = train_digits_cnn()
         ckpt = {"state_dict": state, "meta": meta}
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import list_checkpoints, load_latest
+from .config import ConfigError
 from .files import atomic_write
 from .models.sit import SiT, SiTConfig, config_from_state_dict
 from .sampling import SAMPLERS, sample
@@ -81,30 +82,36 @@ class SamplingConfig:
     precision: str = "fp32"  # autocast dtype of the model: fp32 | bf16 | fp16
 
     def __post_init__(self) -> None:
-        checks = {
-            "mode": self.mode in SAMPLERS,
-            "num_steps": _is_int(self.num_steps) and self.num_steps >= 1,
-            "cfg_scale": self.cfg_scale >= 1.0 and (self.mode != "meanflow" or self.cfg_scale == 1),
-            "guidance_low": 0.0 <= self.guidance_low <= self.guidance_high,
-            "guidance_high": self.guidance_high <= 1.0,
-            "guided_channels": self.guided_channels is None
-            or (_is_int(self.guided_channels) and self.guided_channels >= 1),
-            "num_samples": _is_int(self.num_samples) and self.num_samples >= 1,
-            "batch_size": _is_int(self.batch_size) and self.batch_size >= 1,
-            "seed": _is_int(self.seed) and self.seed >= 0,
-            "decoder": self.decoder in DECODERS,
-            "vae": isinstance(self.vae, str) and bool(self.vae),
-            "latent_scale": self.latent_scale > 0,
-            "precision": self.precision in PRECISIONS,
+        positive = "an int >= 1"
+        checks = {  # field: (valid, what it must be)
+            "mode": (self.mode in SAMPLERS, f"one of {SAMPLERS}"),
+            "num_steps": (_is_int(self.num_steps) and self.num_steps >= 1, positive),
+            "cfg_scale": (
+                self.cfg_scale >= 1.0 and (self.mode != "meanflow" or self.cfg_scale == 1),
+                ">= 1 (1 = no guidance; exactly 1 for meanflow)",
+            ),
+            "guidance_low": (
+                0.0 <= self.guidance_low <= self.guidance_high,
+                "in [0, guidance_high]",
+            ),
+            "guidance_high": (self.guidance_high <= 1.0, "<= 1"),
+            "guided_channels": (
+                self.guided_channels is None
+                or (_is_int(self.guided_channels) and self.guided_channels >= 1),
+                f"None (all channels) or {positive}",
+            ),
+            "num_samples": (_is_int(self.num_samples) and self.num_samples >= 1, positive),
+            "batch_size": (_is_int(self.batch_size) and self.batch_size >= 1, positive),
+            "seed": (_is_int(self.seed) and self.seed >= 0, "an int >= 0"),
+            "decoder": (self.decoder in DECODERS, f"one of {DECODERS}"),
+            "vae": (isinstance(self.vae, str) and bool(self.vae), "a local dir or a hub id"),
+            "latent_scale": (self.latent_scale > 0, "> 0"),
+            "precision": (self.precision in PRECISIONS, f"one of {tuple(PRECISIONS)}"),
         }
-        bad = [key for key, ok in checks.items() if not ok]
+        bad = [(key, need) for key, (ok, need) in checks.items() if not ok]
         if bad:
-            shown = ", ".join(f"{key}={getattr(self, key)!r}" for key in bad)
-            raise ValueError(
-                f"invalid SamplingConfig field(s) {bad}: {shown} (modes {SAMPLERS}, decoders "
-                f"{DECODERS}, precisions {tuple(PRECISIONS)}; cfg_scale >= 1 and = 1 for "
-                "meanflow; 0 <= guidance_low <= guidance_high <= 1)"
-            )
+            shown = "; ".join(f"{key}={getattr(self, key)!r} (need {need})" for key, need in bad)
+            raise ConfigError(bad[0][0], f"invalid sampling setting: {shown}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
     from pandas.io.formats.style import Styler
 
+    from .generate import SamplingConfig
+
 TIERS = ("smoke", "mini", "paper")
 EXTRACTORS = ("inception", "digits-cnn")
 
@@ -53,15 +55,14 @@ class RowParams:
 
     def __post_init__(self) -> None:
         checks = {
-            "tier": self.tier in TIERS,
-            "extractor": self.extractor in EXTRACTORS,
-            "reference": bool(self.reference),
-            "num_samples": self.num_samples >= 1,
-            "sample_batch": self.sample_batch >= 1,
+            "tier": (self.tier in TIERS, f"one of {TIERS}"),
+            "extractor": (self.extractor in EXTRACTORS, f"one of {EXTRACTORS}"),
+            "reference": (bool(self.reference), 'an ADM reference .npz or "digits"'),
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(bad[0], f"invalid value {getattr(self, bad[0])!r}")
+        for key, (ok, need) in checks.items():
+            if not ok:
+                raise ConfigError(key, f"invalid value {getattr(self, key)!r} (need {need})")
+        self.sampling()  # the sampler settings, checked where they are used
 
     def training_overrides(self) -> dict[str, str]:
         """``overrides`` as a mapping, plus this row's results directory."""
@@ -70,11 +71,49 @@ class RowParams:
     def run_config(self, check_paths: bool = True) -> RunConfig:
         return load_config(self.train, self.training_overrides(), check_paths=check_paths)
 
+    def sampling(self) -> SamplingConfig:
+        """The row's :class:`~.generate.SamplingConfig`; a bad setting names the row's key."""
+        from .generate import SamplingConfig
+
+        try:
+            return SamplingConfig(
+                mode=self.sampler,
+                num_steps=self.sampler_steps,
+                cfg_scale=self.cfg_scale,
+                guidance_high=self.guidance_high,
+                num_samples=self.num_samples,
+                batch_size=self.sample_batch,
+                seed=self.seed,
+                vae=self.vae,
+            )
+        except ConfigError as err:
+            raise ConfigError(SAMPLING_KEYS.get(err.key, err.key), err.detail) from None
+
+    def preflight(self) -> RunConfig:
+        """Everything the row reads before it computes anything: the training configuration
+        with its data and weights paths, the reference batch and the Inception weights (a
+        :class:`ConfigError` naming the row's key otherwise). Returns the run configuration."""
+        cfg = self.run_config()
+        if self.reference != "digits" and not Path(self.reference).is_file():
+            raise ConfigError(
+                "reference", f"{self.reference} does not exist (an ADM reference batch .npz, "
+                'e.g. VIRTUAL_imagenet256_labeled.npz, or "digits")',
+            )  # fmt: skip
+        if self.extractor == "inception":
+            from .metrics.extractors import resolve_inception_weights
+
+            try:
+                resolve_inception_weights(self.inception_weights or None)
+            except FileNotFoundError as err:
+                raise ConfigError("inception_weights", str(err)) from None
+        return cfg
+
     def row_dir(self) -> Path:
         return Path(self.results_dir) / self.table / self.tier / self.row
 
 
 ROW_PARAMETERS = tuple(f.name for f in fields(RowParams))  # a table notebook's parameters
+SAMPLING_KEYS = {"mode": "sampler", "num_steps": "sampler_steps", "batch_size": "sample_batch"}
 
 
 def load_row(path: str | Path, **overrides: Any) -> RowParams:
@@ -129,14 +168,9 @@ def _reference(params: RowParams, cfg: RunConfig) -> Path:
     """The reference batch: a given .npz, or the digits images at the run's resolution."""
     if params.reference != "digits":
         return Path(params.reference)
-    from .data.digits import digits_images
-    from .metrics.evaluate import save_adm_npz
+    from .metrics.evaluate import digits_reference
 
-    path = Path(params.results_dir) / "reference" / f"digits_{cfg.data.image_size}.npz"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_adm_npz(path, digits_images("all", cfg.data.image_size)[0])
-    return path
+    return digits_reference(cfg.data.image_size, Path(params.results_dir) / "reference")
 
 
 def run_row(params: RowParams) -> dict[str, Any]:
@@ -146,12 +180,12 @@ def run_row(params: RowParams) -> dict[str, Any]:
     Returns the results record; ``results/<table>/<tier>/<row>/metrics.json`` is written last,
     so a row is done exactly when that file exists.
     """
-    from .generate import SamplingConfig, sample_run
+    from .generate import sample_run
     from .metrics.evaluate import evaluate
     from .results import RowResult, write_result
     from .train import NonFiniteLossError, train
 
-    cfg = params.run_config()
+    cfg = params.preflight()
     common = dict(
         table=params.table,
         row=params.row,
@@ -173,16 +207,7 @@ def run_row(params: RowParams) -> dict[str, Any]:
         )
         write_result(result, params.results_dir)
         return dataclasses.asdict(result)
-    sampling = SamplingConfig(
-        mode=params.sampler,
-        num_steps=params.sampler_steps,
-        cfg_scale=params.cfg_scale,
-        guidance_high=params.guidance_high,
-        num_samples=params.num_samples,
-        batch_size=params.sample_batch,
-        seed=params.seed,
-        vae=params.vae,
-    )
+    sampling = params.sampling()
     samples = sample_run(run_dir, sampling, progress=False)
     row_dir = params.row_dir()
     record = evaluate(

@@ -243,7 +243,9 @@ def table_frame(agg: pd.DataFrame, table_id: str, tier: str) -> pd.DataFrame:
         columns.append(("gain vs baseline", primary))
     frame = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=columns).fillna("—")
     frame.columns = pd.MultiIndex.from_tuples(columns)
-    frame.index = pd.Index([labels[r] for r in frame.index], name="row")
+    shared = {label for label in labels.values() if list(labels.values()).count(label) > 1}
+    names = [f"{labels[r]} ({r})" if labels[r] in shared else labels[r] for r in frame.index]
+    frame.index = pd.Index(names, name="row")  # unique: a shared label gets the row slug
     return frame
 
 

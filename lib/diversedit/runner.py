@@ -298,13 +298,18 @@ def reproduce(
 
     ``tables``: table ids or notebook stems (None: all); ``rows``: row slugs (None: all);
     ``results_dir`` is relative to the current directory; ``root`` holds notebooks/ and params/
-    and is the kernels' working directory. Raises ValueError for unknown tables, rows or tiers.
+    and is the kernels' working directory. Raises ValueError for unknown tables, rows or tiers,
+    and, before anything runs, for any problem :func:`preflight` finds in the rows to run.
     """
     if tier not in TIERS:
         raise ValueError(f"tier {tier!r} is not one of {TIERS}")
     selected = discover(tables, tier, rows, root)
-    kernel = kernel or default_kernel()
     results = Path(results_dir).resolve()
+    pending = [r for r in selected if force or not (r.out_dir(results) / METRICS_FILE).is_file()]
+    problems = preflight(pending, root)
+    if problems:
+        raise ValueError("nothing was run; fix these first:\n" + "\n".join(problems))
+    kernel = kernel or default_kernel()
     outcomes = []
     for i, row in enumerate(selected, start=1):
         outcome = run_one(row, results, kernel, force=force, root=root)
@@ -367,20 +372,42 @@ def schema_problem(names: Sequence[str]) -> str | None:
     )
 
 
-def row_configs(values: Mapping[str, Any], source: str = "<row>") -> list[Any]:
-    """The RunConfigs a notebook builds from these complete parameters (paths not checked)."""
+def row_configs(
+    values: Mapping[str, Any], source: str = "<row>", *, check_paths: bool = False
+) -> list[Any]:
+    """The RunConfigs a notebook builds from these complete parameters; ``check_paths`` also
+    checks every file the row reads (data, weights, reference batch: ``RowParams.preflight``)."""
     from .pipeline import CKA_PARAMETERS, cka_params, row_params
 
     problem = schema_problem(list(values))
     if problem:
         raise ValueError(problem)
     if set(values) == set(CKA_PARAMETERS):
-        return list(cka_params(dict(values), source).run_configs(check_paths=False).values())
-    return [row_params(dict(values), source).run_config(check_paths=False)]
+        params = cka_params(dict(values), source)
+        return list(params.run_configs(check_paths=check_paths).values())
+    params = row_params(dict(values), source)
+    return [params.preflight() if check_paths else params.run_config(check_paths=False)]
+
+
+def _label_problems(paths: Sequence[Path], among: Sequence[Path] | None = None) -> list[str]:
+    """Row files of one table and tier that share a display label (the report's row index),
+    or only those pairs with a file ``among`` the given ones."""
+    seen: dict[str, Path] = {}
+    problems = []
+    for path in paths:
+        try:
+            values = read_row_file(path)
+        except (OSError, ValueError, yaml.YAMLError):
+            continue  # reported by _row_file_problems
+        label = str(values.get("label") or path.stem)
+        first = seen.setdefault(label, path)
+        if first != path and (among is None or first in among or path in among):
+            problems.append(f"{path.name}: label {label!r} is also the label of {first.name}")
+    return problems
 
 
 def _row_file_problems(
-    path: Path, stem: str, tier: str, declared: Mapping[str, Any]
+    path: Path, stem: str, tier: str, declared: Mapping[str, Any], check_paths: bool = False
 ) -> tuple[list[str], list[Any]]:
     try:
         values = read_row_file(path)
@@ -398,13 +425,31 @@ def _row_file_problems(
         numeric = isinstance(default, int | float) and not isinstance(default, bool)
         if numeric and (isinstance(value, bool) or not isinstance(value, int | float)):
             problems.append(f"{key}: {value!r} is not a number (YAML floats need a dot: 1.0e-4)")
-    if problems:
+    if problems or schema_problem(list(declared)):  # no configuration to build
         return problems, []
     try:
-        configs = row_configs(dict(declared) | values | {"results_dir": "results"}, str(path))
+        values = dict(declared) | values | {"results_dir": "results"}
+        configs = row_configs(values, str(path), check_paths=check_paths)
     except ValueError as err:  # ConfigError is a ValueError
         return [str(err)], []
     return [], configs
+
+
+def preflight(rows: Sequence[Row], root: str | Path = REPO_ROOT) -> list[str]:
+    """What would stop these rows, found before any of them runs: the row files' keys, values
+    and labels as ``--validate`` checks them, and every file they read (data, weights,
+    reference batch)."""
+    root = Path(root)
+    problems: list[str] = []
+    for stem, tier in dict.fromkeys((r.stem, r.tier) for r in rows):
+        declared = notebook_parameters(root / "notebooks" / f"{stem}.py")
+        mine = [r.params_file for r in rows if (r.stem, r.tier) == (stem, tier)]
+        table_rows = sorted((root / "params" / stem / tier).glob("*.yaml"))
+        problems += [f"params/{stem}/{tier}/{p}" for p in _label_problems(table_rows, mine)]
+        for path in mine:
+            found, _ = _row_file_problems(path, stem, tier, declared, check_paths=True)
+            problems += [f"{path.relative_to(root)}: {p}" for p in found]
+    return problems
 
 
 def validate_params(root: str | Path = REPO_ROOT) -> list[str]:
@@ -413,8 +458,8 @@ def validate_params(root: str | Path = REPO_ROOT) -> list[str]:
     Per notebook: one parameters cell, no shell escapes, a smoke tier. Per row file: keys are
     notebook parameters (``papermill.inspect_notebook``), numbers are numbers, ``table``/``row``/
     ``tier`` match its place, and it builds RowParams (or CkaParams) and RunConfigs. Across row
-    files: rows that share a run (config hash) resolve to the same configuration, or the trainer
-    would refuse the second one.
+    files: labels are unique within a table and tier, and rows that share a run (config hash)
+    resolve to the same configuration, or the trainer would refuse the second one.
     """
     root = Path(root)
     problems: list[str] = []
@@ -438,7 +483,9 @@ def validate_params(root: str | Path = REPO_ROOT) -> list[str]:
             if tier not in TIERS:
                 problems.append(f"params/{stem}/{tier}: not a tier {TIERS}")
                 continue
-            for path in sorted((root / "params" / stem / tier).glob("*.yaml")):
+            paths = sorted((root / "params" / stem / tier).glob("*.yaml"))
+            problems += [f"params/{stem}/{tier}/{p}" for p in _label_problems(paths)]
+            for path in paths:
                 found, configs = _row_file_problems(path, stem, tier, declared)
                 rel = path.relative_to(root)
                 problems += [f"{rel}: {p}" for p in found]

@@ -314,6 +314,12 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         total = cfg.optim.max_steps if max_steps is None else max_steps
         self._write_run_files()
+        if self._resumed_from is not None:
+            acc.print(
+                f"{self.run_dir} already finished at step {self.step}; nothing to do"
+                if self.step >= total
+                else f"resuming {self.run_dir} from step {self.step}"
+            )
         if cfg.logging.tensorboard:
             acc.init_trackers(cfg.name)
         if self._scaler_state and acc.scaler is not None:

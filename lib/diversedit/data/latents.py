@@ -7,6 +7,7 @@ training draws a fresh latent every step with :func:`sample_latents`.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -25,11 +26,14 @@ _PREPARE_HINT = (
 
 
 def _relative_files(folder: Path, suffix: str) -> list[str]:
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob(f"*{suffix}")
-        if p.is_file() and not p.name.startswith(".")
-    )
+    """Sorted ``a/b.suffix`` paths below ``folder``, hidden names skipped (``os.walk`` lists
+    ~10× faster than ``Path.rglob``: seconds, not minutes, for ImageNet's 1.28M files)."""
+    found = []
+    for parent, _, names in os.walk(folder):
+        rel = Path(parent).relative_to(folder).as_posix()
+        prefix = "" if rel == "." else f"{rel}/"
+        found += [prefix + n for n in names if n.endswith(suffix) and not n.startswith(".")]
+    return sorted(found)
 
 
 def _stem_key(relpath: str) -> tuple[str, str]:
@@ -42,8 +46,14 @@ def _stem_key(relpath: str) -> tuple[str, str]:
 def _read_labels(path: Path) -> dict[str, int] | None:
     if not path.is_file():
         return None
-    labels = json.loads(path.read_text())["labels"]
-    return None if labels is None else {name: int(label) for name, label in labels}
+    try:
+        labels = json.loads(path.read_text())["labels"]
+        return None if labels is None else {name: int(label) for name, label in labels}
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(
+            f"{path} is not a labels file ({type(err).__name__}: {err}); expected "
+            '{"labels": [["<file>", <class index>], ...]}'
+        ) from None
 
 
 class LatentDataset(Dataset):

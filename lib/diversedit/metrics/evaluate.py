@@ -153,6 +153,21 @@ def save_adm_npz(path: str | Path, images: np.ndarray) -> Path:
     return path
 
 
+def digits_reference(image_size: int, directory: str | Path) -> Path:
+    """The CPU tier's reference batch: all 1,797 digits images at ``image_size`` as an ADM
+    ``.npz`` (``directory/digits_<size>.npz``), written once (atomically) and reused."""
+    from ..data.digits import digits_images
+    from ..files import atomic_write
+
+    path = Path(directory) / f"digits_{image_size}.npz"
+    if not path.is_file():
+        images = digits_images("all", image_size)[0]
+        check_images(images.shape, images.dtype, "digits_reference")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: np.savez(f, **{ARRAY_KEY: images}))
+    return path
+
+
 def load_adm_npz(path: str | Path) -> np.ndarray:
     """Validated ``arr_0`` of an ADM .npz (uint8 N×H×W×3), fully loaded."""
     adm_npz_info(path, "images")
@@ -251,8 +266,11 @@ def evaluate(
     Returns (and writes to ``out`` as JSON) ``{"metrics", "samples", "reference", "extractor",
     "protocol", "versions"}``; ``metrics`` holds FID/sFID/IS/Precision/Recall (real Inception) or
     FD_<x>/IS_<x>/Precision_<x>/Recall_<x>, plus N_samples, N_ref and extractor."""
-    samples, ref = Path(samples_npz), Path(ref_npz)
+    samples = Path(samples_npz)
     shape = adm_npz_info(samples, "samples")
+    if str(ref_npz) == "digits":  # the digits images at the samples' resolution
+        ref_npz = digits_reference(shape[1], cache_dir or default_cache_dir())
+    ref = Path(ref_npz)
     if not ref.is_file():
         raise FileNotFoundError(f"reference file {ref} does not exist")
     if ARRAY_KEY in npz_keys(ref):
@@ -340,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="FID/sFID/IS/Precision/Recall of an ADM sample batch (.npz, arr_0 uint8 "
         "N×H×W×3) against a reference batch; digits-cnn gives FD_digits etc.",
     )
-    parser.add_argument("ref", type=Path, help="reference batch .npz (ADM layout)")
+    parser.add_argument(
+        "ref", type=Path, help='reference batch .npz (ADM layout), or "digits" (CPU tier)'
+    )
     parser.add_argument("samples", type=Path, help="sample batch .npz (ADM layout)")
     parser.add_argument("--extractor", choices=EXTRACTORS, default="inception")
     parser.add_argument(
