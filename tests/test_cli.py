@@ -33,3 +33,17 @@ def test_report_missing_directories(tmp_path, capsys):
     line = _fails(["report", "--results", str(tmp_path), "--published", "nowhere"], capsys)
     assert line == "error: --published nowhere: no such directory of published numbers"
     assert not any(tmp_path.iterdir())  # no aggregate, no page
+
+
+def test_bench_counts_must_be_positive(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    for flag in ("--steps", "--batch"):
+        argv = ["bench", "--sizes", "tiny", "--parts", "loss", flag, "0", "--out", str(out)]
+        assert _fails(argv, capsys) == f"error: diversedit bench: {flag} must be >= 1, got 0"
+    assert not out.exists()
+
+
+def test_prepare_missing_source_writes_nothing(tmp_path, capsys):
+    dest = tmp_path / "dest"
+    line = _fails(["prepare", "--source", str(tmp_path / "none"), "--dest", str(dest)], capsys)
+    assert "does not exist" in line and not dest.exists()

@@ -27,6 +27,9 @@ def _bench(args: argparse.Namespace) -> None:
 
     sizes, parts = args.sizes.split(","), args.parts.split(",")
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch)):
+        if value < 1:
+            raise UsageError(f"diversedit bench: {flag} must be >= 1, got {value}")
     try:
         check_options(
             parts, args.compile_mode, args.compile_scope, sizes=sizes, variants=variants,
@@ -62,7 +65,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from .report import build_report
 
-    if not args.published.is_dir():  # else a report without the published numbers
+    if args.published is not None and not args.published.is_dir():  # else no published numbers
         raise UsageError(f"--published {args.published}: no such directory of published numbers")
     print(f"report: {build_report(args.results, args.published).resolve()}")
 
@@ -166,7 +169,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_parser("reproduce", help="run the table notebooks with papermill (--tier smoke|paper)")
     report = sub.add_parser("report", help="aggregate results/ and render the HTML report")
     report.add_argument("--results", type=Path, default=Path("results"))
-    report.add_argument("--published", type=Path, default=Path("params/published"))
+    report.add_argument(
+        "--published",
+        type=Path,
+        default=None,
+        help="published numbers (default: $DIVERSEDIT_PUBLISHED_DIR, else params/published)",
+    )
     report.set_defaults(func=_report)
     bench = sub.add_parser(
         "bench", help="training step, diversity loss, sampler, Inception throughput; JSON out"

@@ -168,8 +168,8 @@ def prepare_imagenet(
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} not in [0, {num_processes})")
     source, dest = Path(source), Path(dest)
+    classes, items = list_image_folder(source)  # a missing source fails before dest is touched
     _check_settings(dest, resolution, str(vae))
-    classes, items = list_image_folder(source)
     if limit is not None:
         items = _balanced_subset(items, limit)
     pending = [
