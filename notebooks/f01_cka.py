@@ -45,8 +45,10 @@ diversedit_overrides: str = ""  # dotted training overrides of the DiverseDiT ru
 results_dir: str = "results/notebook-defaults"  # results root (runs/, <table>/<tier>/<row>/)
 
 # %%
+from diversedit.files import use_repository_root
 from diversedit.pipeline import CKA_PARAMETERS, cka_figure, cka_params, run_cka
 
+use_repository_root()  # a kernel started in notebooks/ reads relative paths from the root
 params = cka_params({name: globals()[name] for name in CKA_PARAMETERS})
 configs = params.run_configs()  # validated; each must take CKA snapshots
 {name: str(cfg.run_dir()) for name, cfg in configs.items()}

@@ -35,7 +35,9 @@ published_dir: str = "params/published"  # published numbers, one YAML per table
 from IPython.display import display
 
 from diversedit import report
+from diversedit.files import use_repository_root
 
+use_repository_root()  # a kernel started in notebooks/ reads relative paths from the root
 report.configure_plotly()
 data = report.load_report_data(results_dir, published_dir)
 for item in report.overview(data):

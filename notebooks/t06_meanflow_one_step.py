@@ -50,8 +50,10 @@ vae: str = "stabilityai/sd-vae-ft-mse"  # SD-VAE decoder for latent runs: local 
 results_dir: str = "results/notebook-defaults"  # results root (runs/, <table>/<tier>/<row>/)
 
 # %%
+from diversedit.files import use_repository_root
 from diversedit.pipeline import ROW_PARAMETERS, comparison_table, row_params, run_row
 
+use_repository_root()  # a kernel started in notebooks/ reads relative paths from the root
 params = row_params({name: globals()[name] for name in ROW_PARAMETERS})
 config = params.run_config()  # the validated training configuration
 print(f"run {config.run_dir()} ({config.optim.max_steps} steps)")

@@ -76,3 +76,24 @@ def test_batch_order_shards_one_global_batch_across_ranks():
         BatchOrder(12, 5, num_processes=2)
     with pytest.raises(ValueError, match="smaller than one batch"):
         BatchOrder(3, 4)
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path):
+    """Results are readable by whoever the umask allows (mkstemp alone would make them 0600)."""
+    import os
+    import stat
+
+    from diversedit.files import atomic_write_bytes
+
+    saved = os.umask(0o027)
+    try:
+        for mask in (0o022, 0o027, 0o077):
+            os.umask(mask)
+            plain = tmp_path / f"plain-{mask:o}"
+            plain.write_bytes(b"x")
+            path = atomic_write_bytes(tmp_path / f"atomic-{mask:o}", b"x")
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~mask
+            assert os.umask(mask) == mask  # the umask is left as it was
+    finally:
+        os.umask(saved)

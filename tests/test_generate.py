@@ -317,6 +317,15 @@ def test_command_line(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main([*argv, "--guidance-high", "2"])
     assert err.value.code == 2
+    capsys.readouterr()
+    # the same folder with another step count: one line naming what differs, nothing sampled
+    chunks = sorted((tmp_path / "cli" / "chunks").iterdir())
+    with pytest.raises(SystemExit) as err:
+        main([*argv[:1], "--steps", "3", *argv[3:], "--out", str(tmp_path / "cli")])
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "sampling.num_steps: 2 → 3" in stderr
+    assert sorted((tmp_path / "cli" / "chunks").iterdir()) == chunks
 
 
 def test_command_line_missing_source(tmp_path, capsys):

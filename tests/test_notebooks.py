@@ -197,6 +197,35 @@ def test_reproduce_checks_the_rows_to_run_before_running_any(tmp_path, capsys):
     assert "nothing was run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stem", STEMS)
+def test_first_cell_runs_from_the_notebooks_folder(stem, monkeypatch, capsys):
+    """JupyterLab starts a notebook's kernel in ``notebooks/``: the parameters cell and the
+    first code cell (validation only, no training) still find the repository's files."""
+    import os
+
+    import jupytext
+
+    cells = [c for c in jupytext.read(REPO_ROOT / "notebooks" / f"{stem}.py").cells
+             if c.cell_type == "code"]  # fmt: skip
+    monkeypatch.chdir(REPO_ROOT / "notebooks")
+    namespace: dict = {}
+    for cell in cells[:2]:  # the parameters, then setup and validation
+        exec(compile(cell.source, f"{stem}.py", "exec"), namespace)
+    assert Path(os.getcwd()) == REPO_ROOT
+    assert "working directory:" in capsys.readouterr().out
+
+
+def test_use_repository_root_outside_a_checkout(tmp_path, monkeypatch):
+    from diversedit.files import use_repository_root
+
+    monkeypatch.chdir(tmp_path)
+    assert use_repository_root() == tmp_path.resolve() and Path.cwd() == tmp_path.resolve()
+    monkeypatch.chdir(REPO_ROOT)
+    assert use_repository_root() == REPO_ROOT
+    report = (REPO_ROOT / "notebooks" / "report.py").read_text()
+    assert report.index("use_repository_root()") < report.index("load_report_data(")
+
+
 def test_notebook_problems_counts_parameters_cells(tmp_path):
     text = '# %% tags=["parameters"]\nx: int = 1\n\n# %% tags=["parameters"]\ny: int = 2\n'
     path = _write(tmp_path / "nb.py", text)

@@ -243,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except bad_input as err:
         print(f"error: {err}", file=sys.stderr)
         raise UsageError(str(err)) from None
+    except KeyboardInterrupt:  # Ctrl-C: what was written is complete (atomic writes)
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """``write(binary file)`` into a temporary sibling, flush, fsync, then rename onto ``path``.
 
     A reader never sees a partial file; an interrupted write leaves only ``.<name>.*.tmp``.
+    The file gets the permissions a plain ``open`` would give it (0666 less the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the group
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -29,6 +31,13 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it back: there is no query-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
@@ -68,3 +77,18 @@ def git_revision() -> dict[str, object]:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"git_commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def use_repository_root() -> Path:
+    """Make the repository root (the nearest folder up from the working directory that holds
+    ``params/`` and ``notebooks/``) the working directory, as it is in papermill runs, so a
+    notebook opened in JupyterLab, whose kernel starts in ``notebooks/``, reads the relative
+    paths of its parameters the same way. Returns it (the working directory if none is found)."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params").is_dir() and (folder / "notebooks").is_dir():
+            if folder != here:
+                os.chdir(folder)
+                print(f"working directory: {folder} (parameters' relative paths start there)")
+            return folder
+    return here

@@ -322,15 +322,23 @@ def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     path = out_dir / "chunks" / "manifest.json"
     wanted = json.loads(json.dumps(manifest, default=str))
     if path.is_file():
-        old = json.loads(path.read_text())
-        if old != wanted:
-            diff = sorted(k for k in wanted if old.get(k) != wanted[k])
-            raise ValueError(
-                f"{out_dir} holds chunks made with other settings (differing: {diff}); "
-                "use another out_dir or delete it"
+        diff = _differences(json.loads(path.read_text()), wanted)
+        if diff:
+            raise ConfigError(
+                "out",
+                f"{out_dir} holds chunks made with other settings ({'; '.join(diff[:4])}"
+                f"{'; …' if len(diff) > 4 else ''}); choose another output folder or delete it",
             )
         return
     _write_json(path, wanted)
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[str]:
+    """``"a.b: old → new"`` for every leaf where two JSON documents differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{key}.{k}")]
+    return [] if old == new else [f"{key.lstrip('.')}: {old!r} → {new!r}"]
 
 
 def _check_model(model: nn.Module, cfg: SamplingConfig, num_classes: int, shape: tuple) -> None:
@@ -721,16 +729,20 @@ def run_args(args: argparse.Namespace) -> Path | None:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    result = sample_run(
-        args.source,
-        cfg,
-        args.out,
-        device=args.device,
-        which=args.which,
-        arch={"num_heads": args.num_heads} if args.num_heads else None,
-        fused_attn={"checkpoint": None, "fused": True, "math": False}[args.attention],
-        progress=not args.no_progress,
-    )
+    try:
+        result = sample_run(
+            args.source,
+            cfg,
+            args.out,
+            device=args.device,
+            which=args.which,
+            arch={"num_heads": args.num_heads} if args.num_heads else None,
+            fused_attn={"checkpoint": None, "fused": True, "math": False}[args.attention],
+            progress=not args.no_progress,
+        )
+    except ConfigError as err:  # e.g. an output folder of other settings: before any sampling
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if result is not None:
         print(f"samples: {result}")
     return result
