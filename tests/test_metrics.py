@@ -609,6 +609,10 @@ def test_cli_digits_reference_is_every_digit_at_the_samples_resolution(tmp_path,
     assert ref.stat().st_mtime_ns == stamp and digits_reference(8, cache) == ref  # reused
     real, fake = (json.loads((tmp_path / f).read_text())["metrics"] for f in ("a.json", "b.json"))
     assert real["N_ref"] == 1797 and real["FD_digits"] < fake["FD_digits"] / 5
+    from diversedit.results import STANDIN_METRICS  # the report's names for pending rows
+
+    reported = {k for k, v in real.items() if isinstance(v, float) and k.endswith("_digits")}
+    assert reported == set(STANDIN_METRICS["digits-cnn"])
     assert "FD_digits" in capsys.readouterr().out
 
 

@@ -451,6 +451,77 @@ def test_table_frame_and_figures(tmp_path):
 
 
 @needs_report
+def test_tiers_with_row_files_are_counted_and_shown_as_pending(tmp_path):
+    """A tier with row files but no results reads "0 / N" and gets its section, rows pending."""
+    from IPython.display import HTML
+
+    from diversedit import report
+
+    params = tmp_path / "params"
+    shutil.copytree(PUBLISHED, params / "published")
+    for stem, rows in (("t01_model_scales", ["sit-b"]), ("t04_loss_terms", list(T04))):
+        (params / stem / "smoke").mkdir(parents=True)
+        for row in rows:
+            text = f"table: x\nrow: {row}\nextractor: digits-cnn\n"
+            (params / stem / "smoke" / f"{row}.yaml").write_text(text)
+    results = _write_smoke(tmp_path)
+    # aggregate alone: only tiers with results (and the paper tier), as before
+    plain = aggregate(results, params / "published")
+    assert "smoke" not in set(plain.loc[plain["table"] == "t04", "tier"])
+    data = report.load_report_data(results, params / "published")
+    assert data.agg.query("table == 't04' and tier == 'smoke'")["reproduced"].isna().all()
+    _, counts = report.overview(data)
+    assert counts.loc["t04", "smoke"] == "0 / 5"
+    assert counts.loc["t01", "smoke"] == "3 / 10"  # 3 results of the 10 published rows
+    assert counts.loc["t02", "smoke"] == "—"  # no smoke row file, no result
+    assert counts.loc["t04", "paper"] == "0 / 5" and "mini" not in counts.columns
+    page = "".join(i.data for i in report.table_section(data, "t04") if isinstance(i, HTML))
+    assert "t04 · smoke tier" in page and 'data-table="t04" data-tier="smoke"' in page
+    frame = report.table_frame(data.agg, "t04", "smoke")
+    # pending smoke rows carry the names their digits-cnn rows will report, never "FID"
+    fd = "FD_digits (paper: FID)"
+    assert set(frame[(fd, "reproduced")]) == {"pending"} and len(frame) == 5
+    assert not {c for c, _ in frame.columns} & {"FID", "IS", "Precision", "Recall", "sFID"}
+    assert not any(v.startswith("0.0") for v in frame.to_numpy().ravel())
+    assert report.comparison_figure(data.agg, "t04").data[0].name == "published (FID)"
+    # the default row-file directory is the published directory's parent (the repo's params/)
+    repo = report.load_report_data(results, PUBLISHED)
+    assert report.overview(repo)[1].loc["t04", "smoke"] == "0 / 5"
+
+
+@needs_report
+def test_figure_layouts_and_panel_titles(tmp_path):
+    from diversedit import report
+
+    results = _write_smoke(tmp_path)
+    agg = aggregate(results, PUBLISHED)
+    for fig in (report.comparison_figure(agg, "t01"), report.gain_figure(agg, "t01")):
+        legend = fig.layout.legend
+        # legend right of the plots, clear of the rotated row labels under the x axes
+        assert legend.orientation == "v" and legend.x >= 1 and legend.xanchor == "left"
+        assert fig.layout.xaxis.automargin and fig.layout.xaxis2.automargin
+    titles = [a.text for a in report.gain_figure(agg, "t01").layout.annotations]
+    assert len(titles) == 2 and all(t.startswith("t01 · ") and "gain" in t for t in titles)
+    assert "FID gain" in titles[0] and "FD_digits gain" in titles[1] and "smoke tier" in titles[1]
+    assert not any("paper tier" in t for t in titles)  # no paper-tier result: not claimed
+    titles = [a.text for a in report.comparison_figure(agg, "t01").layout.annotations]
+    assert titles[0].startswith("t01 · FID") and "gain" not in titles[0]
+    info = {"N_samples": 50000, "N_ref": 50000, "extractor": "adm-evaluator", "sampler": {}}
+    for row, fid in (("sit-b", 36.0), ("sit-b-ours", 29.0)):
+        write_result(RowResult("t01", row, "paper", row, {"FID": fid}, info), results)
+    agg = aggregate(results, PUBLISHED)
+    gain = report.gain_figure(agg, "t01")
+    assert "published vs paper tier" in gain.layout.annotations[0].text
+    assert list(gain.data[1].y) == [-7.0] and "gain" in gain.data[1].name
+    # CKA heatmaps: whole blocks on both axes
+    fig = report.cka_figure([(0, np.eye(4)), (10, np.eye(4))], "cka")
+    for axis in (fig.layout.xaxis, fig.layout.yaxis):
+        assert (axis.tickmode, axis.tick0, axis.dtick) == ("linear", 1, 1)
+    big = report.cka_figure([(0, np.eye(28))], "cka").layout.yaxis.dtick
+    assert isinstance(big, int) and big >= 1
+
+
+@needs_report
 def test_notebook_parameters_and_offline_renderer(tmp_path):
     import jupytext
     import papermill as pm
@@ -557,6 +628,12 @@ def test_report_html(built):
     assert page.count(get_plotlyjs()[:300]) == 1  # plotly.js inlined exactly once
     assert not re.findall(r"<script[^>]*\bsrc\s*=\s*[\"']?(?:https?:)?//", page, re.I)
     assert "require.min.js" not in page and "mathjax" not in page.lower().split("<main>")[0]
+    # what a reader sees: counts for every tier with row files, no internal-summary wording
+    text = re.sub(r"<(script|style)\b.*?</\1>", "", page, flags=re.S | re.I)
+    assert "summary" not in text.lower()
+    assert "not transcribed" in text
+    assert re.search(r"<th[^>]*>t04</th>\s*<td[^>]*>0 / 5</td>\s*<td[^>]*>0 / 5</td>", text)
+    assert "t04 · smoke tier" in text
 
 
 @needs_report

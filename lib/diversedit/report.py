@@ -125,11 +125,16 @@ class ReportData:
     agg: pd.DataFrame
 
 
-def load_report_data(results_dir: str | Path, published_dir: str | Path) -> ReportData:
+def load_report_data(
+    results_dir: str | Path, published_dir: str | Path, params_dir: str | Path | None = None
+) -> ReportData:
+    """Published numbers, results and their aggregate. Every tier with row files
+    (``<params_dir>/<stem>/<tier>/*.yaml``; ``params_dir`` defaults to the published directory's
+    parent, i.e. ``params``) gets its rows, pending where no result exists yet."""
     rdir, pdir = resolve_path(results_dir), resolve_path(published_dir)
-    return ReportData(
-        rdir, pdir, load_all_published(pdir), read_results(rdir), aggregate(rdir, pdir)
-    )
+    params = resolve_path(params_dir) if params_dir is not None else pdir.parent
+    agg = aggregate(rdir, pdir, params)
+    return ReportData(rdir, pdir, load_all_published(pdir), read_results(rdir), agg)
 
 
 def _resolve_run_dir(path: str | Path | None, results_dir: Path) -> Path | None:
@@ -303,20 +308,25 @@ def _bar(name: str, frame: pd.DataFrame, column: str, color: str) -> go.Bar:
 
 
 def _panels(
-    agg: pd.DataFrame, table_id: str, value: str, published_value: str
+    agg: pd.DataFrame, table_id: str, value: str, published_value: str, what: str = ""
 ) -> list[tuple[str, list[go.Bar]]]:
     """One panel per metric scale: the published FID with the comparable paper-tier values, then
-    one panel per tier whose values are not on the paper's scale (never mixed on one axis)."""
+    one panel per tier whose values are not on the paper's scale (never mixed on one axis).
+
+    Panel titles name the table, what is plotted (``what``, e.g. " gain over baseline"), the
+    metric and the tiers actually shown (the paper tier only when it has comparable values)."""
     sub = agg[agg["table"] == table_id]
     panels = []
     paper = sub[(sub["tier"] == "paper") & (sub["paper_metric"] == "FID")]
     pub = paper.drop_duplicates("row").dropna(subset=[published_value])
     ok = paper[paper["comparable"]].dropna(subset=[value])
     if not pub.empty or not ok.empty:
-        bars = [_bar("published (FID)", pub, published_value, COLORS["published"])]
+        bars = [_bar(f"published{what} (FID)", pub, published_value, COLORS["published"])]
+        shown = "published"
         if not ok.empty:
-            bars.append(_bar("reproduced (paper tier)", ok, value, COLORS["paper"]))
-        panels.append(("published vs paper tier: FID", bars))
+            bars.append(_bar(f"reproduced{what} (paper tier, FID)", ok, value, COLORS["paper"]))
+            shown = "published vs paper tier"
+        panels.append((f"{table_id} · FID{what}:<br>{shown}", bars))
     for tier in _tiers(sub):
         tsub = sub[sub["tier"] == tier]
         tsub = tsub[~tsub["comparable"]] if tier == "paper" else tsub
@@ -326,7 +336,8 @@ def _panels(
         rep = tsub[tsub["metric"] == metric].dropna(subset=[value])
         if not rep.empty:
             bars = [_bar(f"{tier}: {metric}", rep, value, COLORS.get(tier, "#937860"))]
-            panels.append((f"{tier} tier: {metric} (not comparable)", bars))
+            title = f"{table_id} · {metric}{what}:<br>{tier} tier (not comparable)"
+            panels.append((title, bars))
     return panels
 
 
@@ -336,7 +347,15 @@ def _subplots(panels: list[tuple[str, list[go.Bar]]], title: str, ytitle: str) -
         for bar in bars:
             fig.add_trace(bar, row=1, col=i)
         fig.update_yaxes(title_text=ytitle if i == 1 else None, row=1, col=i)
-    fig.update_layout(title=title, barmode="group", height=460, legend_orientation="h")
+    # the legend sits right of the plots, clear of the rotated row labels under the x axes
+    fig.update_xaxes(tickangle=-45, automargin=True)
+    fig.update_layout(
+        title=title,
+        barmode="group",
+        height=520,
+        legend={"orientation": "v", "x": 1.02, "xanchor": "left", "y": 1.0, "yanchor": "top"},
+        margin={"t": 110},
+    )
     return fig
 
 
@@ -351,7 +370,7 @@ def comparison_figure(agg: pd.DataFrame, table_id: str) -> go.Figure | None:
 def gain_figure(agg: pd.DataFrame, table_id: str) -> go.Figure | None:
     """In-pipeline gain (row − its own baseline row, same tier) next to the published gain."""
     sub = agg[(agg["table"] == table_id) & agg["baseline_row"].notna()]
-    panels = _panels(sub, table_id, "gain_vs_baseline", "published_gain")
+    panels = _panels(sub, table_id, "gain_vs_baseline", "published_gain", " gain over baseline")
     if not panels:
         return None
     return _subplots(
@@ -411,11 +430,12 @@ def cka_figure(
         }
         for k, (step, _) in enumerate(chosen)
     ]
+    n_blocks = max(m.shape[0] for _, m in chosen)
+    ticks = {"tickmode": "linear", "tick0": 1, "dtick": max(1, math.ceil(n_blocks / 16))}
     layout = {
         "title": title,
-        "xaxis_title": "block",
-        "yaxis_title": "block",
-        "yaxis_autorange": "reversed",
+        "xaxis": {"title": {"text": "block"}, **ticks},
+        "yaxis": {"title": {"text": "block"}, "autorange": "reversed", **ticks},
         "height": 520,
         "width": 600,
     }
@@ -701,7 +721,7 @@ def build_report(
     if not nb_path.is_file():
         raise FileNotFoundError(f"report notebook {nb_path} not found")
     root = nb_path.resolve().parents[1]
-    save_aggregate(aggregate(rdir, pdir), rdir)
+    save_aggregate(aggregate(rdir, pdir, pdir.parent), rdir)
     out.parent.mkdir(parents=True, exist_ok=True)
     executed = out.with_name("report.ipynb")
     with tempfile.TemporaryDirectory(prefix="diversedit-report-") as tmp:

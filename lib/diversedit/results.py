@@ -394,11 +394,40 @@ def _primary(names: Iterable[str]) -> str:
     return next((m for m in names if paper_metric(m) == "FID"), names[0] if names else "FID")
 
 
-def aggregate(results_dir: str | Path, published_dir: str | Path | None = None):
+def row_file_tiers(params_dir: str | Path, stem: str) -> set[str]:
+    """The tiers with at least one row file ``<params_dir>/<stem>/<tier>/*.yaml``."""
+    return {t for t in TIERS if any(Path(params_dir, stem, t).glob("*.yaml"))}
+
+
+# what the stand-in extractors report (metrics.extractors), by a row file's ``extractor``
+STANDIN_METRICS = {"digits-cnn": ("FD_digits", "IS_digits", "Precision_digits", "Recall_digits")}
+
+
+def row_file_metrics(params_dir: str | Path, stem: str, tier: str) -> list[str]:
+    """The metric names a tier's rows will report, before any of them has a result: a stand-in
+    extractor's names when every row file uses that one (a pending smoke row is not an "FID"),
+    else none (the paper's names)."""
+    import yaml
+
+    extractors = {
+        (yaml.safe_load(path.read_text()) or {}).get("extractor")
+        for path in Path(params_dir, stem, tier).glob("*.yaml")
+    }
+    only = extractors.pop() if len(extractors) == 1 else None
+    return list(STANDIN_METRICS.get(only, ()))
+
+
+def aggregate(
+    results_dir: str | Path,
+    published_dir: str | Path | None = None,
+    params_dir: str | Path | None = None,
+):
     """One row per (table, row, tier, metric): reproduced vs published, Δ, in-pipeline gain.
 
     Published rows of kind "reproduce" without a result appear as status "pending" with NaN
-    ``reproduced`` for every tier that has results for the table and always for the paper tier.
+    ``reproduced`` for every tier that has results for the table, always for the paper tier and,
+    given ``params_dir`` (e.g. ``params``), for every tier with row files
+    ``<params_dir>/<stem>/<tier>/*.yaml`` (rows that can be run but have not been).
     ``gain_vs_baseline`` = this row − its baseline row (same table, tier and metric);
     ``published_gain`` is the same difference in the published numbers."""
     import pandas as pd
@@ -411,9 +440,13 @@ def aggregate(results_dir: str | Path, published_dir: str | Path | None = None):
         doc = published.get(tid)
         prows = {r["row"]: r for r in doc["rows"]} if doc else {}
         tiers = {tier for t, tier, _ in done if t == tid} | ({"paper"} if doc else set())
+        if doc and params_dir is not None:
+            tiers |= row_file_tiers(params_dir, doc["stem"])
         for tier in sorted(tiers, key=TIERS.index):
             here = {row: r for (t, ti, row), r in done.items() if t == tid and ti == tier}
             observed = sorted({m for r in here.values() for m in r.metrics}, key=metric_order)
+            if not observed and doc and params_dir is not None:
+                observed = row_file_metrics(params_dir, doc["stem"], tier)
             order = [s for s, p in prows.items() if p["kind"] == "reproduce" or s in here]
             order += sorted(set(here) - set(order))
             for slug in order:
