@@ -47,3 +47,29 @@ def test_prepare_missing_source_writes_nothing(tmp_path, capsys):
     dest = tmp_path / "dest"
     line = _fails(["prepare", "--source", str(tmp_path / "none"), "--dest", str(dest)], capsys)
     assert "does not exist" in line and not dest.exists()
+
+
+def test_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
+    import diversedit.generate
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diversedit.generate, "run_args", interrupted)
+    with pytest.raises(SystemExit) as err:
+        main(["sample", "anything"])
+    assert err.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_report_leaves_the_published_default_to_the_library(tmp_path, monkeypatch, capsys):
+    """No --published: the report's own default ($DIVERSEDIT_PUBLISHED_DIR, else the repo's)."""
+    import diversedit.report
+
+    seen = []
+    monkeypatch.setattr(
+        diversedit.report,
+        "build_report",
+        lambda results, published: seen.append(published) or tmp_path,
+    )
+    main(["report", "--results", str(tmp_path)])
+    assert seen == [None] and "report:" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from typing import IO
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from .adm import ADM_IS_SPLIT_SIZE, ADM_PR_K, ReferenceStats, compute_metrics
 from .extractors import EXTRACTORS, FeatureExtractor, build_extractor
 
@@ -143,29 +144,22 @@ def iter_adm_batches(path: str | Path, batch_size: int = 64) -> Iterator[np.ndar
 
 
 def save_adm_npz(path: str | Path, images: np.ndarray) -> Path:
-    """Write uint8 N×H×W×3 images as ADM's ``arr_0`` (uncompressed; the name is kept as given)."""
+    """Write uint8 N×H×W×3 images as ADM's ``arr_0`` (uncompressed, atomically; the name is
+    kept as given)."""
     images = np.asarray(images)
     check_images(images.shape, images.dtype, "save_adm_npz")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez(f, **{ARRAY_KEY: np.ascontiguousarray(images)})
-    return path
+    return atomic_write(
+        Path(path), lambda f: np.savez(f, **{ARRAY_KEY: np.ascontiguousarray(images)})
+    )
 
 
 def digits_reference(image_size: int, directory: str | Path) -> Path:
     """The CPU tier's reference batch: all 1,797 digits images at ``image_size`` as an ADM
-    ``.npz`` (``directory/digits_<size>.npz``), written once (atomically) and reused."""
+    ``.npz`` (``directory/digits_<size>.npz``), written once and reused."""
     from ..data.digits import digits_images
-    from ..files import atomic_write
 
     path = Path(directory) / f"digits_{image_size}.npz"
-    if not path.is_file():
-        images = digits_images("all", image_size)[0]
-        check_images(images.shape, images.dtype, "digits_reference")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: np.savez(f, **{ARRAY_KEY: images}))
-    return path
+    return path if path.is_file() else save_adm_npz(path, digits_images("all", image_size)[0])
 
 
 def load_adm_npz(path: str | Path) -> np.ndarray:
