@@ -387,6 +387,7 @@ def test_smoke_suite_runs_every_notebook(tmp_path):
             assert result["metric_info"]["extractor"].startswith("digits-cnn")
         executed = (out / "notebook.ipynb").read_text()
         assert "injected-parameters" in executed and "text/html" in executed  # the display
+        assert "IProgress not found" not in executed  # no widget warning: text bars
         if row.table == "f01":
             assert "application/vnd.plotly.v1+json" in executed  # the CKA figure
     # shared rows train once: one run directory per distinct configuration
