@@ -287,7 +287,7 @@ def _statuses(results: Path) -> dict[str, dict]:
     return {e["row"]: e for e in doc["rows"]}
 
 
-def test_runner_isolates_failures_and_skips_done_rows(fake_root, tmp_path, capsys):
+def test_runner_isolates_failures_and_skips_done_rows(fake_root, tmp_path, capfd):
     results = tmp_path / "results"
     code = reproduce(None, "smoke", results_dir=results, root=fake_root, kernel="python3")
     assert code == 1
@@ -304,8 +304,9 @@ def test_runner_isolates_failures_and_skips_done_rows(fake_root, tmp_path, capsy
     assert "RuntimeError: boom from the fake notebook" in runs["bad"]["error"]
     assert "without writing" in runs["silent"]["error"]
     assert "Dead" in runs["dead"]["error"] or "died" in runs["dead"]["error"].lower()
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()  # the kernels' own output included (file descriptors)
     assert "t98/bad" in out and "failed" in out and "1/4 rows done" in out
+    assert "without encryption" not in out + err  # no kernel-app warnings on the terminal
 
     stamp = good.stat().st_mtime_ns
     assert reproduce(["t98"], "smoke", results_dir=results, root=fake_root, kernel="python3") == 1

@@ -38,11 +38,11 @@ from .results import (
     save_aggregate,
     table_id,
 )
+from .runner import KERNEL_ARGUMENTS, KERNEL_NAME
 
 REPORT_NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "report.py"
 REPORT_RENDERER_ENV = "plotly_mimetype+notebook"  # what build_report exports as PLOTLY_RENDERER
 OFFLINE_RENDERER = "diversedit_offline"
-KERNEL_NAME = "diversedit"
 
 BANNERS = {
     "smoke": "CPU smoke tier: digits data, FD_digits with a stand-in extractor — not comparable "
@@ -737,6 +737,7 @@ def build_report(
                 progress_bar=False,
                 start_timeout=120,
                 execution_timeout=cell_timeout,
+                extra_arguments=KERNEL_ARGUMENTS,
             )
     atomic_write_bytes(out, export_html(executed).encode())
     return out

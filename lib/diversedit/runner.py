@@ -33,6 +33,9 @@ from .results import TIERS, table_id
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KERNEL_NAME = "diversedit"
+# batch runs: no kernel-app log below ERROR (ipykernel 7 warns on every start that a local
+# kernel talks over unencrypted TCP); the notebooks' own warnings still reach their outputs
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 METRICS_FILE = "metrics.json"
 # papermill runs: plotly figures carry HTML (blank in nbconvert otherwise), no progress bars
 RUN_ENV = {"PLOTLY_RENDERER": "plotly_mimetype+notebook", "TQDM_DISABLE": "1"}
@@ -237,6 +240,7 @@ def run_one(
                 stderr_file=stderr,
                 start_timeout=300,  # cold nodes
                 shutdown_kernel="immediate",  # results are on disk; saves ~2 s of torch teardown
+                extra_arguments=KERNEL_ARGUMENTS,
             )
     except Exception as err:  # a cell error, a dead kernel, a bad row file: the row failed
         error = _describe(err)
