@@ -15,7 +15,9 @@
 # # Loss-term ablation — L_orth, L_MI, L_disp
 #
 # REPA-B, 400K iterations, no CFG. Tests each term of the diversity loss alone (only L_orth, only
-# L_MI, only L_disp) against the full loss.
+# L_MI, only L_disp) against the full loss. The row files keep the term weight at 1/3 (the paper
+# does not say otherwise), so with the adaptive weight only L_disp (≤ 0) never switches on:
+# that row trains as REPA-B + long residuals, and the report marks it "diversity loss idle".
 
 # %% [markdown]
 # One execution reproduces **one row**: papermill injects a row file

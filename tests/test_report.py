@@ -490,6 +490,58 @@ def test_tiers_with_row_files_are_counted_and_shown_as_pending(tmp_path):
 
 
 @needs_report
+def test_shared_runs_idle_diversity_and_figure_rows(tmp_path):
+    """A run shared by two tables is in both tables' curves (one CKA heatmap); a row whose
+    diversity weight stayed 0 says so; the CKA figure's tiers list their row files."""
+    from IPython.display import HTML
+
+    from diversedit import report
+
+    results = _write_smoke(tmp_path)
+    for row, weights in (("only-disp", [0.0, 0.0]), ("only-orth", [0.0, 0.2])):
+        run = tmp_path / "runs" / row
+        run.mkdir()
+        lines = [
+            {"step": 10 * (i + 1), "loss": 1.0, "div_weight": w} for i, w in enumerate(weights)
+        ]
+        (run / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        res = dataclasses.replace(_smoke_result("sit-b", f"runs/{row}"), table="t04", row=row)
+        write_result(res, results)
+    shared = dataclasses.replace(_smoke_result("sit-b", "runs/sit-b"), table="t04", row="repa-b")
+    write_result(shared, results)  # the same run directory as t01's sit-b
+    runs = [
+        (r.table, r.row, d.name)
+        for r, _, d in report._runs(report.load_report_data(results, PUBLISHED))
+    ]
+    assert ("t01", "sit-b", "sit-b") in runs and ("t04", "repa-b", "sit-b") in runs
+    data = report.load_report_data(results, PUBLISHED)
+    curves = {f.layout.title.text: f for f in report.training_section(data)[1:]}
+    t04 = {t.name for t in curves["t04 · smoke tier: training losses"].data}
+    assert t04 == {"REPA-B", "only L_disp", "only L_orth"}
+    heatmaps = [i for i in report.cka_section(data) if not isinstance(i, HTML)]
+    titles = [f.layout.title.text for f in heatmaps if hasattr(f, "layout")]
+    assert "CKA — t01 · SiT-B<br><sup>smoke tier</sup>" in titles  # sit-b's run: once
+    assert not any(t.startswith("CKA — t04 · REPA-B") for t in titles)
+    frame = report.table_frame(data.agg, "t04", "smoke")
+    status = frame[("", "status")]
+    assert status["only L_disp"] == "done, diversity loss idle (w = 0 at every step)"
+    assert status["only L_orth"] == "done" and status["REPA-B"] == "done"
+    # f01: the paper tier's row file pending, under the names the smoke result reports
+    f01 = data.agg[data.agg["table"] == "f01"].set_index(["tier", "row"])
+    assert f01.loc[("paper", "cka"), "status"] == "pending"
+    assert f01.loc[("paper", "cka"), "metric"] == "mean_offdiag_CKA_sit"
+    assert report.overview(data)[1].loc["f01", "paper"] == "0 / 1"
+    frame = report.table_frame(data.agg, "f01", "smoke")
+    assert [c for c, _ in frame.columns] == ["", "", *["mean_offdiag_CKA_sit"] * 3]  # no gain
+    # metrics that are not the paper's keep the order the notebook wrote them in
+    cka = {f"mean_offdiag_CKA_{r}": 0.5 for r in ("sit", "repa", "diversedit")}
+    info = SMOKE_INFO | {"extractor": "linear CKA"}
+    write_result(RowResult("f01", "cka", "smoke", "CKA", cka, info), results)
+    frame = report.table_frame(aggregate(results, PUBLISHED), "f01", "smoke")
+    assert list(dict.fromkeys(c for c, _ in frame.columns[2:])) == list(cka)
+
+
+@needs_report
 def test_figure_layouts_and_panel_titles(tmp_path):
     from diversedit import report
 
@@ -619,8 +671,8 @@ def test_report_html(built):
     assert smoke and _decode(smoke[0]["y"]) == [40.0, 30.0, 25.0]
     assert any(t.get("type") == "heatmap" for t in traces)
     titles = {layout.get("title", {}).get("text") for _, layout in figures}
-    assert "CKA — t01 · SiT-B (smoke tier)" in titles  # relative run_dir resolved
-    assert "CKA — f01 · CKA · sit (smoke tier)" in titles  # runs listed in metric_info
+    assert "CKA — t01 · SiT-B<br><sup>smoke tier</sup>" in titles  # relative run_dir resolved
+    assert "CKA — f01 · CKA · sit<br><sup>smoke tier</sup>" in titles  # runs in metric_info
     assert 'data-table="f01"' in page and page.count('id="f01"') == 1
     assert "t01 · smoke tier: training losses" in titles
     from plotly.offline import get_plotlyjs

@@ -134,7 +134,25 @@ def load_report_data(
     rdir, pdir = resolve_path(results_dir), resolve_path(published_dir)
     params = resolve_path(params_dir) if params_dir is not None else pdir.parent
     agg = aggregate(rdir, pdir, params)
-    return ReportData(rdir, pdir, load_all_published(pdir), read_results(rdir), agg)
+    results = read_results(rdir)
+    idle = idle_diversity(results, rdir)
+    keys = zip(agg["table"], agg["tier"], agg["row"], strict=True)
+    agg["diversity_idle"] = [k in idle for k in keys]
+    return ReportData(rdir, pdir, load_all_published(pdir), results, agg)
+
+
+def idle_diversity(results: Sequence[RowResult], results_dir: Path) -> set[tuple[str, str, str]]:
+    """``(table, tier, row)`` of the results whose run logged a diversity loss whose adaptive
+    weight w(L_div) was 0 in every logged interval: the loss never acted on the model (e.g. one
+    term at weight 1/3 that stays below ``adaptive_low``), so the row trained without it."""
+    idle = set()
+    for r in results:
+        log = run_dirs_of(r, results_dir).get("", Path("/nonexistent")) / "log.jsonl"
+        if log.is_file():
+            frame = read_log(log)
+            if "div_weight" in frame.columns and (frame["div_weight"] == 0).all():
+                idle.add((table_id(r.table), r.tier, r.row))
+    return idle
 
 
 def _resolve_run_dir(path: str | Path | None, results_dir: Path) -> Path | None:
@@ -170,14 +188,18 @@ def _fmt(v: float, metric: str, signed: bool = False) -> str:
 
 
 def _metric_label(metric: str, paper_metric: str | None) -> str:
-    if paper_metric and paper_metric != metric:
+    if isinstance(paper_metric, str) and paper_metric != metric:
         return f"{metric} (paper: {paper_metric})"
     return metric
 
 
+def _is_slug(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
 def _primary_metric(sub: pd.DataFrame) -> str | None:
     fid = sub.loc[sub["paper_metric"] == "FID", "metric"]
-    names = sorted(set(fid) or set(sub["metric"]), key=metric_order)
+    names = sorted(dict.fromkeys(fid) or dict.fromkeys(sub["metric"]), key=metric_order)
     return names[0] if names else None
 
 
@@ -219,14 +241,18 @@ def table_frame(agg: pd.DataFrame, table_id: str, tier: str) -> pd.DataFrame:
     the primary metric over the row's own baseline. Pending cells read "pending", never 0."""
     sub = agg[(agg["table"] == table_id) & (agg["tier"] == tier)]
     metrics = sorted(dict.fromkeys(sub["metric"]), key=metric_order)
-    primary = _primary_metric(sub)
+    # the gain column only where a row has a baseline (not for, e.g., the CKA figure)
+    primary = _primary_metric(sub) if sub["baseline_row"].map(_is_slug).any() else None
     rows: dict[str, dict[tuple[str, str], str]] = {}
     labels: dict[str, str] = {}
     for r in sub.itertuples(index=False):
         labels[r.row] = r.label
         cells = rows.setdefault(r.row, {})
         not_comparable = tier == "paper" and r.status == "done" and not r.comparable
-        cells[("", "status")] = f"{r.status}, not comparable" if not_comparable else r.status
+        state = f"{r.status}, not comparable" if not_comparable else r.status
+        if getattr(r, "diversity_idle", False):
+            state += ", diversity loss idle (w = 0 at every step)"
+        cells[("", "status")] = state
         cells[("", "N")] = "—" if pd.isna(r.N) else f"{int(r.N):,}"
         col = _metric_label(r.metric, r.paper_metric)
         missing = math.isnan(r.reproduced)
@@ -238,7 +264,7 @@ def table_frame(agg: pd.DataFrame, table_id: str, tier: str) -> pd.DataFrame:
         cells[(col, "Δ")] = _fmt(r.delta, r.metric, signed=True)
         if r.metric == primary:
             gain = _fmt(r.gain_vs_baseline, r.metric, signed=True)
-            has_baseline = isinstance(r.baseline_row, str)
+            has_baseline = _is_slug(r.baseline_row)
             cells[("gain vs baseline", r.metric)] = gain if has_baseline else "— (no baseline)"
     columns = [("", "status"), ("", "N")]
     for m in metrics:
@@ -584,12 +610,14 @@ def _label(data: ReportData, result: RowResult) -> str:
 
 
 def _runs(data: ReportData) -> list[tuple[RowResult, str, Path]]:
-    """``(result, display label, run dir)`` for every distinct run directory of the results."""
+    """``(result, display label, run dir)`` for every distinct run directory of each table and
+    tier's results (a run shared by two tables, e.g. REPA-B in t04 and f01, is in both)."""
     out, seen = [], set()
     for r in data.results:
         for name, d in run_dirs_of(r, data.results_dir).items():
-            if d.resolve() not in seen:
-                seen.add(d.resolve())
+            key = (table_id(r.table), r.tier, d.resolve())
+            if key not in seen:
+                seen.add(key)
                 label = _label(data, r) + (f" · {name}" if name else "")
                 out.append((r, label, d))
     return out
@@ -611,11 +639,12 @@ def cka_section(data: ReportData, max_runs: int = 12) -> list[Any]:
     for tier in _tiers(sub):
         table_html = styled_table(data.agg, doc["table"], tier).to_html()
         items.append(HTML(f'<div style="overflow-x:auto">{table_html}</div>'))
-    figs = 0
+    figs, shown = 0, set()
     for r, label, d in _runs(data):
-        snaps = load_cka(d)
+        snaps = load_cka(d) if d.resolve() not in shown else []
         if snaps and figs < max_runs:
-            title = f"CKA — {table_id(r.table)} · {label} ({r.tier} tier)"
+            shown.add(d.resolve())
+            title = f"CKA — {table_id(r.table)} · {label}<br><sup>{r.tier} tier</sup>"
             items.append(cka_figure(snaps, title))
             figs += 1
     if figs == 0:
@@ -721,7 +750,7 @@ def build_report(
     if not nb_path.is_file():
         raise FileNotFoundError(f"report notebook {nb_path} not found")
     root = nb_path.resolve().parents[1]
-    save_aggregate(aggregate(rdir, pdir, pdir.parent), rdir)
+    save_aggregate(load_report_data(rdir, pdir).agg, rdir)
     out.parent.mkdir(parents=True, exist_ok=True)
     executed = out.with_name("report.ipynb")
     with tempfile.TemporaryDirectory(prefix="diversedit-report-") as tmp:

@@ -81,8 +81,10 @@ def table_id(name: str) -> str:
 
 
 def metric_order(name: str) -> tuple[int, str]:
+    """Sort key: the paper's metric order (FID, sFID, IS, Precision, Recall), then other names
+    in the order given (a stable sort keeps, e.g., the CKA figure's runs as the notebook wrote)."""
     fam = paper_metric(name)
-    return (PAPER_METRICS.index(fam) if fam else len(PAPER_METRICS), name)
+    return (PAPER_METRICS.index(fam), name) if fam else (len(PAPER_METRICS), "")
 
 
 def _is_number(v: Any) -> bool:
@@ -417,6 +419,17 @@ def row_file_metrics(params_dir: str | Path, stem: str, tier: str) -> list[str]:
     return list(STANDIN_METRICS.get(only, ()))
 
 
+def row_file_labels(params_dir: str | Path, stem: str, tier: str) -> dict[str, str]:
+    """``{row slug: display label}`` of a tier's row files (the label defaults to the slug)."""
+    import yaml
+
+    out = {}
+    for path in sorted(Path(params_dir, stem, tier).glob("*.yaml")):
+        doc = yaml.safe_load(path.read_text()) or {}
+        out[str(doc.get("row", path.stem))] = str(doc.get("label") or path.stem)
+    return out
+
+
 def aggregate(
     results_dir: str | Path,
     published_dir: str | Path | None = None,
@@ -429,10 +442,13 @@ def aggregate(
     given ``params_dir`` (e.g. ``params``), for every tier with row files
     ``<params_dir>/<stem>/<tier>/*.yaml`` (rows that can be run but have not been).
     ``gain_vs_baseline`` = this row − its baseline row (same table, tier and metric);
-    ``published_gain`` is the same difference in the published numbers."""
+    ``published_gain`` is the same difference in the published numbers. A figure (no published
+    numbers, e.g. f01) with results gets, given ``params_dir``, its other row files as pending
+    rows, with the metric names its results report."""
     import pandas as pd
 
-    published = {k: v for k, v in load_all_published(published_dir).items() if v["kind"] == "table"}
+    docs = load_all_published(published_dir)
+    published = {k: v for k, v in docs.items() if v["kind"] == "table"}
     done = {(table_id(r.table), r.tier, r.row): r for r in read_results(results_dir)}
     extra_tables = sorted({t for t, _, _ in done} - set(published))
     records: list[dict[str, Any]] = []
@@ -442,15 +458,27 @@ def aggregate(
         tiers = {tier for t, tier, _ in done if t == tid} | ({"paper"} if doc else set())
         if doc and params_dir is not None:
             tiers |= row_file_tiers(params_dir, doc["stem"])
+        figure = docs.get(tid) if doc is None and params_dir is not None else None
+        if figure is not None:
+            tiers |= row_file_tiers(params_dir, figure["stem"])
+            reported = [m for (t, _, _), r in done.items() if t == tid for m in r.metrics]
+            reported = list(dict.fromkeys(reported))
         for tier in sorted(tiers, key=TIERS.index):
             here = {row: r for (t, ti, row), r in done.items() if t == tid and ti == tier}
-            observed = sorted({m for r in here.values() for m in r.metrics}, key=metric_order)
+            names = dict.fromkeys(m for r in here.values() for m in r.metrics)
+            observed = sorted(names, key=metric_order)
             if not observed and doc and params_dir is not None:
                 observed = row_file_metrics(params_dir, doc["stem"], tier)
             order = [s for s, p in prows.items() if p["kind"] == "reproduce" or s in here]
             order += sorted(set(here) - set(order))
             for slug in order:
                 records += _records(tid, tier, prows, slug, here.get(slug), observed)
+            if figure is not None and reported:
+                files = row_file_labels(params_dir, figure["stem"], tier)
+                for slug, label in files.items():
+                    if slug not in here:
+                        row = {slug: {**_UNPUBLISHED, "label": label}}
+                        records += _records(tid, tier, row, slug, None, reported, reported)
     df = pd.DataFrame.from_records(records, columns=COLUMNS)
     df = _add_gains(df, published)
     for col in ("reproduced", "published", "delta", "gain_vs_baseline", "published_gain"):
@@ -461,6 +489,15 @@ def aggregate(
     return df
 
 
+_UNPUBLISHED = {
+    "metrics": {},
+    "baseline": None,
+    "status": None,
+    "kind": "unpublished",
+    "source": None,
+}
+
+
 def _records(
     tid: str,
     tier: str,
@@ -468,11 +505,14 @@ def _records(
     slug: str,
     res: RowResult | None,
     observed: list[str],
+    names: list[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """The aggregate's records of one row: its result's metrics, else ``names`` or the names
+    it will report (pending)."""
     p = prows.get(slug)
     if res is not None:
         names = sorted(res.metrics, key=metric_order) or [_primary(observed)]
-    else:
+    elif names is None:
         names = _pending_metrics(p, observed)
     info = res.metric_info if res else {}
     n = info.get("N_samples")
