@@ -97,3 +97,30 @@ def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path):
             assert os.umask(mask) == mask  # the umask is left as it was
     finally:
         os.umask(saved)
+
+
+def test_a_checkpoint_on_a_full_disk_names_the_path_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """torch reports a full disk as "unexpected pos …": the error says what and where."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from diversedit import files
+
+    save_checkpoint(tmp_path, 10, state(10))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(2**30, 2**30, 4096))
+
+    def full(f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4424576")
+
+    target = tmp_path / "step_00000020.pt"
+    with pytest.raises(OSError, match=r"no space left .*step_00000020\.pt") as err:
+        files.atomic_write(target, full)
+    assert err.value.errno == errno.ENOSPC
+    assert not target.exists() and not list(tmp_path.glob(".*.tmp"))
+    assert load_latest(tmp_path)[0]["step"] == 10
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(2**30, 0, 2**30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # not a full disk: as it was
+        files.atomic_write(target, full)

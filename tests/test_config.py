@@ -261,7 +261,7 @@ def test_paper_params_need_their_assets(world, monkeypatch):
         load_config(path, ok)
     # contents are checked by tests/test_encoders.py and tests/test_data.py
     monkeypatch.setattr("diversedit.encoders.check_weights", lambda *_: None)
-    monkeypatch.setattr("diversedit.data.latents.LatentDataset", lambda _: None)
+    monkeypatch.setattr("diversedit.data.latents.LatentDataset", lambda _: range(1_281_167))
     assert load_config(path, ok).encoder.weights == "w.pth"
     with pytest.raises(ConfigError, match=r"data\.path: 'imagenet_partial' has no vae-sd/"):
         load_config(path, ok | {"data.path": "imagenet_partial"})

@@ -294,7 +294,10 @@ def test_params_check_rejects_an_inconsistent_latent_folder(prepared, tmp_path):
     with pytest.raises(ConfigError, match=key + r".*dataset\.json is not a labels file"):
         load_config(SIT_B2, at)
     assert not (tmp_path / "r").exists()
-    assert load_config(SIT_B2, at | {"data.path": str(prepared[0])}).data.image_size == 32
+    at["data.path"] = str(prepared[0])  # 4 images: the paper's batch of 256 cannot fit
+    with pytest.raises(ConfigError, match=r"optim\.global_batch: 256 is more than the 4 images"):
+        load_config(SIT_B2, at)
+    assert load_config(SIT_B2, at | {"optim.global_batch": 4}).data.image_size == 32
 
 
 def test_sample_latents_statistics():

@@ -105,6 +105,56 @@ def test_resume_is_bitwise_exact(tmp_path, params):
     assert half == two
 
 
+def _log(run: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_log_means_cover_their_steps_and_resume_drops_redone_records(tmp_path):
+    """A logged value is the mean over the steps since the last record (a resumed run's first
+    window and a run's last one are shorter); records past the resumed checkpoint are dropped."""
+    ref = {r["step"]: r["loss"] for r in _log(trainer(config(tmp_path / "a")).fit())}
+    assert sorted(ref) == [2, 4, 6, 8]
+    ref |= {
+        r["step"]: r["loss"]
+        for r in _log(trainer(config(tmp_path / "c", **{"logging.log_every": 1})).fit())
+    }
+    cfg = config(tmp_path / "b", **{"logging.log_every": 3})
+    run = trainer(cfg).fit(4)  # checkpoints at 2 and 4; records at 3 and 4 (one step)
+    with (run / "log.jsonl").open("a") as f:  # killed after logging step 6, mid-record of 7
+        f.write('{"step": 6, "loss": 99.0}\n{"step": 7, "lo')
+    run = trainer(cfg).fit()
+    logs = _log(run)
+    assert [r["step"] for r in logs] == [3, 4, 6, 8]
+    mean = lambda *steps: sum(ref[s] for s in steps) / len(steps)  # noqa: E731
+    assert logs[0]["loss"] == pytest.approx(mean(1, 2, 3), rel=1e-5)
+    assert logs[1]["loss"] == pytest.approx(ref[4], rel=1e-5)  # one step, not a third of it
+    assert logs[2]["loss"] == pytest.approx(mean(5, 6), rel=1e-5)
+    assert logs[3]["loss"] == pytest.approx(mean(7, 8), rel=1e-5)
+
+
+def test_signal_while_the_trainer_is_built_exits_for_requeue(tmp_path):
+    """SIGUSR1 before the first step (model build, checkpoint loading): exit 85, not 138."""
+    script = f"""
+import os, signal
+from diversedit.config import load_config
+from diversedit.train import Trainer, train
+real = Trainer.__init__
+def init(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGUSR1)
+    real(self, *args, **kwargs)
+Trainer.__init__ = init
+train(load_config({str(PARAMS / "digits_sit.yaml")!r}, {FAST | {"results_dir": str(tmp_path)}!r}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == REQUEUE_EXIT_CODE, done.stdout + done.stderr
+    assert "exiting before training" in done.stdout
+    cfg = config(tmp_path)
+    assert not list_checkpoints(cfg.run_dir() / "checkpoints")
+
+
 def test_corrupt_latest_checkpoint_falls_back(tmp_path):
     run = trainer(config(tmp_path)).fit()
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4, 6, 8]
@@ -235,6 +285,49 @@ def test_two_process_ddp_resume_is_exact(tmp_path):
         states_equal(a[key], b[key])
     prov = (cfg_b.run_dir() / "provenance.jsonl").read_text().splitlines()
     assert len(prov) == 2 and '"processes": 2' in prov[0]
+
+
+@pytest.mark.parametrize("signalled", [0, 1])
+def test_a_signal_to_one_process_stops_all_at_one_checkpoint(tmp_path, signalled):
+    """2 processes started as SLURM's srun does (one per task, rank from the environment):
+    SIGTERM to one of them; both checkpoint the same step and exit 85."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sets = FAST | {"results_dir": str(tmp_path), "optim.max_steps": 100000,
+                   "checkpoint.every": 100000, "logging.log_every": 1}  # fmt: skip
+    cmd = [sys.executable, "-m", "diversedit", "train", str(PARAMS / "digits_sit.yaml")]
+    cmd += [arg for k, v in sets.items() for arg in ("--set", f"{k}={v}")]
+    base = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env=base | {"RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
+    log = load_config(PARAMS / "digits_sit.yaml", sets).run_dir() / "log.jsonl"
+    deadline = time.time() + 180
+    try:
+        while not (log.exists() and log.read_text().count("\n") >= 3):
+            assert all(p.poll() is None for p in procs), procs[0].stdout.read().decode()
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        procs[signalled].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=90)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [REQUEUE_EXIT_CODE] * 2, outs
+    assert "checkpointed step" in outs[0]
+    (step, _), *_ = reversed(list_checkpoints(log.parent / "checkpoints"))
+    state, _ = load_latest(log.parent / "checkpoints")
+    assert state["step"] == step >= 3 and len(state["rng"]) == 2
 
 
 def test_cli_rejects_bad_params_before_writing(tmp_path):
@@ -426,3 +519,15 @@ def test_resume_may_change_how_a_run_executes_not_what_it_trains(tmp_path, capsy
     (run / "config.json").write_text(json.dumps(saved))
     with pytest.raises(RuntimeError, match=r"config\.json differs from this run's configuration"):
         trainer(config(tmp_path, **{"optim.max_steps": 4})).fit()
+
+
+def test_batch_must_fit_the_data_and_split_over_the_processes(tmp_path, monkeypatch):
+    """Checked with the params, before anything is written (not when the loop starts)."""
+    from diversedit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim\.global_batch: 5000 is more than the 1,797"):
+        config(tmp_path, **{"optim.global_batch": 5000})
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"16 is not divisible by 3 processes \(WORLD_SIZE\)"):
+        config(tmp_path)
+    assert not any(tmp_path.iterdir())

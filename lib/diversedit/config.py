@@ -435,10 +435,19 @@ class RunConfig:
 
     def check_paths(self) -> None:
         """Check the files the run reads: the encoder weights load into the encoder (compared on
-        the meta device) and the prepared ImageNet folder pairs every image with its latents."""
+        the meta device) and the prepared ImageNet folder pairs every image with its latents;
+        and that one global batch fits the data set and splits over the processes
+        (``WORLD_SIZE``, as set by torchrun, accelerate and ``train.sbatch``)."""
         from .encoders import check_weights
 
-        enc, data = self.encoder, self.data
+        enc, data, opt = self.encoder, self.data, self.optim
+        world = int(os.environ.get("WORLD_SIZE") or 1)
+        _check(
+            opt.global_batch % (world * opt.grad_accum) == 0,
+            "optim.global_batch",
+            f"{opt.global_batch} is not divisible by {world} processes (WORLD_SIZE) × "
+            f"{opt.grad_accum} accumulation steps (optim.grad_accum)",
+        )
         if enc.weights is not None:
             fetch = (
                 f"; download {DINOV2_WEIGHTS[enc.name]} and set encoder.weights to its path"
@@ -452,6 +461,9 @@ class RunConfig:
             )
             _checked("encoder.weights", check_weights, enc.name, enc.weights)
         if data.kind != "imagenet_latents":
+            from .data.digits import dataset_size
+
+            self._check_batch_fits(dataset_size(), "the digits data set")
             return
         how = "run `diversedit prepare` first"
         _check(
@@ -476,7 +488,16 @@ class RunConfig:
                 f"{data.path!r} has no {sub}/ folder; put {what} in {root / sub} ({how})",
             )
         stamp = tuple((root / sub).stat().st_mtime_ns for sub in ("images", "vae-sd"))
-        _checked("data.path", _dataset_pairs, str(root.resolve()), stamp)
+        size = _checked("data.path", _dataset_pairs, str(root.resolve()), stamp)
+        self._check_batch_fits(size, repr(data.path))
+
+    def _check_batch_fits(self, size: int, what: str) -> None:
+        batch = self.optim.global_batch
+        _check(
+            batch <= size,
+            "optim.global_batch",
+            f"{batch} is more than the {size:,} images of {what}: one batch must fit",
+        )
 
     # ------------------------------------------------------------------ internal checks
 
@@ -969,18 +990,19 @@ def _check(ok: bool, key: str, detail: str) -> None:
 
 
 @lru_cache(maxsize=8)
-def _dataset_pairs(root: str, stamp: tuple[int, ...]) -> None:
+def _dataset_pairs(root: str, stamp: tuple[int, ...]) -> int:
     """Index the prepared folder once per process and folder state (``stamp``: its subfolders'
-    mtimes): listing ImageNet takes seconds, and ``reproduce`` checks it for every row."""
+    mtimes): listing ImageNet takes seconds, and ``reproduce`` checks it for every row. Returns
+    the number of images."""
     from .data.latents import LatentDataset
 
-    LatentDataset(root)
+    return len(LatentDataset(root))
 
 
-def _checked(key: str, check: Callable[..., Any], *args: Any) -> None:
-    """Run ``check(*args)``; its ValueError or OSError becomes a ConfigError naming ``key``."""
+def _checked(key: str, check: Callable[..., Any], *args: Any) -> Any:
+    """``check(*args)``; its ValueError or OSError becomes a ConfigError naming ``key``."""
     try:
-        check(*args)
+        return check(*args)
     except (ValueError, OSError) as err:
         raise ConfigError(key, str(err)) from None
 

@@ -3,7 +3,9 @@ revision."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -15,7 +17,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """``write(binary file)`` into a temporary sibling, flush, fsync, then rename onto ``path``.
 
     A reader never sees a partial file; an interrupted write leaves only ``.<name>.*.tmp``.
-    The file gets the permissions a plain ``open`` would give it (0666 less the umask).
+    The file gets the permissions a plain ``open`` would give it (0666 less the umask). A write
+    that fails on a full file system (torch reports it as "unexpected pos …") raises an
+    ``OSError`` (ENOSPC) naming the path; the previous file, if any, is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,10 +31,24 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, Exception) and _disk_full(err, path.parent)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise OSError(
+                errno.ENOSPC, f"no space left on the file system to write {path} ({err})"
+            ) from err
         raise
     return path
+
+
+def _disk_full(err: Exception, directory: Path) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < 2**20  # checked before the temporary goes
+    except OSError:
+        return False
 
 
 def _umask() -> int:

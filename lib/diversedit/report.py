@@ -478,15 +478,25 @@ def cka_figure(
 def read_log(path: str | Path) -> pd.DataFrame:
     """``log.jsonl`` (one JSON object per line with "step" and loss terms) as a frame by step."""
     records = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    lines = Path(path).read_text().splitlines()
+    for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):  # torn by a kill while the run wrote it
+                continue
+            raise
         if "step" not in rec:
             raise ValueError(f"{path}:{i}: a log record needs 'step'")
         records.append(rec)
     frame = pd.DataFrame.from_records(records)
-    return frame.sort_values("step").reset_index(drop=True) if not frame.empty else frame
+    if frame.empty:
+        return frame
+    # a step logged twice (a run killed after logging it, before resuming): its last record
+    frame = frame.drop_duplicates("step", keep="last")
+    return frame.sort_values("step").reset_index(drop=True)
 
 
 def training_figure(logs: Mapping[str, pd.DataFrame], title: str) -> go.Figure | None:

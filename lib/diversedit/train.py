@@ -27,7 +27,7 @@ from .checkpoint import load_latest, prune, save_checkpoint
 from .cka import block_similarity
 from .config import hashed_part
 from .data.sampler import BatchOrder
-from .files import git_revision
+from .files import atomic_write_bytes, git_revision
 from .host_memory import keep_freed_memory
 from .losses.objective import compute_loss
 from .models import SiT
@@ -53,7 +53,9 @@ class Preempted(SystemExit):
 
 
 class _SignalFlag:
-    """Records SIGTERM / SIGUSR1 so the loop can checkpoint at the next step boundary."""
+    """Records SIGTERM / SIGUSR1 so the loop can checkpoint at the next step boundary. Nested
+    inside another (:func:`train` installs one before the model is built), it starts with what
+    the outer one received."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -63,7 +65,10 @@ class _SignalFlag:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             # ValueError off the main thread (e.g. a notebook kernel thread): no handler there
             with contextlib.suppress(ValueError):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                self._previous[sig] = previous = signal.signal(sig, self._handle)
+                outer = getattr(previous, "__self__", None)
+                if isinstance(outer, _SignalFlag) and outer.received is not None:
+                    self.received = outer.received
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
@@ -72,6 +77,53 @@ class _SignalFlag:
     def __exit__(self, *_exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class _StopVote:
+    """Whether to stop after a signal, agreed by every process, so that all of them checkpoint at
+    the same step (the checkpoint is collective) even when the signal reaches them at different
+    times. Each step boundary adds this process's flag to an all-reduce over a CPU (gloo) group
+    that runs in the background until the next boundary reads it: no device sync, and every
+    process stops one step after the first signal. One process: the flag itself."""
+
+    def __init__(self, flag: _SignalFlag, num_processes: int) -> None:
+        self.flag, self._pending = flag, None
+        self._group = None
+        if num_processes > 1:
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo")
+
+    def _reduce(self, async_op: bool) -> Any:
+        import torch.distributed as dist
+
+        vote = torch.tensor([int(self.flag.received is not None)], dtype=torch.int32)
+        work = dist.all_reduce(vote, dist.ReduceOp.MAX, group=self._group, async_op=async_op)
+        return vote, work
+
+    def now(self) -> bool:
+        """Blocking: has any process been signalled (e.g. while the model was being built)?"""
+        if self._group is None:
+            return self.flag.received is not None
+        vote, _ = self._reduce(async_op=False)
+        return bool(vote.item())
+
+    def poll(self) -> bool:
+        """At a step boundary: the verdict of the previous boundary's vote; starts this one's."""
+        if self._group is None:
+            return self.flag.received is not None
+        stop = False
+        if self._pending is not None:
+            vote, work = self._pending
+            work.wait()
+            stop = bool(vote.item())
+        self._pending = self._reduce(async_op=True)
+        return stop
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending[1].wait()
+            self._pending = None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -332,15 +384,22 @@ class Trainer:
         never = torch.full((), -1, dtype=torch.long, device=acc.device)
         batches = self._batches()
         bar = self._progress(total)
-        t0, images = time.perf_counter(), 0
+        t0, images, window = time.perf_counter(), 0, 0
         with _SignalFlag() as flag:
+            vote = _StopVote(flag, acc.num_processes)
+            if vote.now():  # signalled before the first step: nothing new to save
+                acc.print(
+                    f"signal {flag.received or 'on another process'}: exiting before training"
+                )
+                acc.end_training()
+                raise Preempted()
             while self.step < total:
                 for _ in range(cfg.optim.grad_accum):
                     x, y, pixels = next(batches)
                     self.batches_consumed += 1
                     terms, grad_norm = self._micro_step(x, y, pixels)
                 images += x.shape[0] * acc.num_processes * cfg.optim.grad_accum
-                self.step += 1
+                self.step, window = self.step + 1, window + 1
                 terms["grad_norm"] = grad_norm
                 for k, v in terms.items():  # running sums and NaN flags: no host sync
                     v = v.float()
@@ -353,20 +412,24 @@ class Trainer:
                     bad = bad | now
                 boundary = self.step % cfg.logging.log_every == 0 or self.step == total
                 ckpt_due = self.step % cfg.checkpoint.every == 0 or self.step == total
-                if boundary or ckpt_due or flag.received:
+                stop = vote.poll()
+                if boundary or ckpt_due or stop:
                     self._check_finite(bad, first_bad)
                 if boundary:
                     elapsed = time.perf_counter() - t0
-                    self._log(log_file, sums, cfg.logging.log_every, images / elapsed, bar)
-                    sums, t0, images = {}, time.perf_counter(), 0
+                    self._log(log_file, sums, window, images / elapsed, bar)  # mean over window
+                    sums, t0, images, window = {}, time.perf_counter(), 0, 0
                 if probe is not None and self.step % cfg.logging.cka_every == 0:
                     self._cka_snapshot(probe)
-                if ckpt_due or flag.received:
+                if ckpt_due or stop:
                     self.save()
-                if flag.received:
-                    acc.print(f"signal {flag.received}: checkpointed step {self.step}, exiting")
+                if stop:
+                    vote.close()
+                    who = flag.received or "on another process"
+                    acc.print(f"signal {who}: checkpointed step {self.step}, exiting")
                     acc.end_training()
                     raise Preempted()
+            vote.close()
         if bar is not None:
             bar.close()
         acc.end_training()
@@ -487,8 +550,30 @@ class Trainer:
         }
         with prov.open("a") as f:
             f.write(json.dumps(entry) + "\n")
+        _trim_log(self.run_dir / "log.jsonl", self.step)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the log records past ``step`` (written after the checkpoint a run resumes from, before
+    it was killed: those steps run again) and a torn last line, so no step is logged twice."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step and line.endswith("\n"):
+            kept.append(line)
+    if len(kept) < len(lines):
+        atomic_write_bytes(path, "".join(kept).encode())
 
 
 def train(config: Any, *, max_steps: int | None = None) -> Path:
-    """Build a :class:`Trainer` for ``config`` and fit it; returns the run directory."""
-    return Trainer(config).fit(max_steps)
+    """Build a :class:`Trainer` for ``config`` and fit it; returns the run directory. A SIGTERM
+    or SIGUSR1 while the model is built or a checkpoint loaded exits with
+    :data:`REQUEUE_EXIT_CODE` too (before the first step)."""
+    with _SignalFlag():
+        return Trainer(config).fit(max_steps)

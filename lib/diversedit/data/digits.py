@@ -45,6 +45,11 @@ def _split_indices(split: str, seed: int) -> np.ndarray:
     return np.sort(train if split == "train" else test)
 
 
+def dataset_size(split: str = "all", seed: int = 0) -> int:
+    """Images in a split (1,797 in all)."""
+    return len(_split_indices(split, seed))
+
+
 def _load(split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(float images in [0, 1], N×8×8; int64 labels) of a split."""
     if split not in SPLITS:
