@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 
+from diversedit.config import ConfigError
 from diversedit.data.digits import decode_pixels
 from diversedit.generate import (
     QUANTISATION,
@@ -254,6 +255,12 @@ def test_every_source_form_loads_the_same_network(run_dir, loaded, tmp_path):
         load_for_sampling(tmp_path / "bare.pt", arch=heads),
     ]
     assert [i["format"] for _, i in sources] == ["diversedit", "foreign", "state_dict"]
+    with pytest.raises(ConfigError, match=r"architecture: .*bare\.pt: cannot infer num_heads .*"
+                       r"--num-heads"):  # fmt: skip
+        load_for_sampling(tmp_path / "bare.pt")
+    with pytest.raises(ConfigError, match=r"num_heads: 8 contradicts the 4 stored in"):
+        load_for_sampling(ckpt, arch={"num_heads": 8})
+    assert load_for_sampling(ckpt, arch=heads)[0].config == model.config  # the same: fine
     assert sources[1][1]["step"] == 2
     cfg = _cfg(num_samples=8)
     want = _arrays(_gen(model, tmp_path / "a", cfg=cfg))

@@ -515,9 +515,15 @@ def test_resume_may_change_how_a_run_executes_not_what_it_trains(tmp_path, capsy
     (run / "config.json").write_text(json.dumps(saved))
     assert trainer(config(tmp_path, **{"optim.max_steps": 4})).fit() == run
     assert f"{run} already finished at step 4; nothing to do\n" in capsys.readouterr().out
+    # a changed hashed value is a new run: the start names its siblings and the difference
+    other = trainer(config(tmp_path, **{"optim.max_steps": 6})).fit(1)
+    out = capsys.readouterr().out
+    named = f"new run {other.name}; other runs named 'digits-sit':\n"
+    assert named + f"  {run.name} differs in optim.max_steps: 4 → 6\n" in out
+    assert "resume it with --max-steps N" in out
     saved["seed"] = 1
     (run / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(RuntimeError, match=r"config\.json differs from this run's configuration"):
+    with pytest.raises(RuntimeError, match=r"differs from this run's configuration: seed: 1 → 0"):
         trainer(config(tmp_path, **{"optim.max_steps": 4})).fit()
 
 

@@ -961,6 +961,14 @@ def _mismatch(hint: Any, value: Any, nullable: bool) -> str:
     return f"expected {_describe(hint)}{' or null' if nullable else ''}, got {_show(value)}"
 
 
+def differences(old: Any, new: Any, key: str = "") -> list[str]:
+    """``"a.b: old → new"`` for every leaf where two JSON documents differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in differences(old.get(k), new.get(k), f"{key}.{k}")]
+    return [] if old == new else [f"{key.lstrip('.')}: {old!r} → {new!r}"]
+
+
 def hashed_part(payload: dict[str, Any]) -> dict[str, Any]:
     """A copy of a :meth:`RunConfig.to_dict` payload without the keys of :data:`HASH_EXCLUDED`
     (what :meth:`RunConfig.hash` covers; keys missing from older payloads are fine)."""

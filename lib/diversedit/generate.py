@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import list_checkpoints, load_latest
-from .config import ConfigError
+from .config import ConfigError, differences
 from .files import atomic_write
 from .models.sit import SiT, SiTConfig, config_from_state_dict
 from .sampling import SAMPLERS, sample
@@ -209,12 +209,23 @@ def load_for_sampling(
     else:
         keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(f"{path}: no {which!r} state dict of a SiT model found (keys: {keys})")
-    if fmt == "diversedit":
-        config = SiTConfig(**(dict(state["model_config"]) | dict(arch or {})))
+    if fmt == "diversedit":  # the architecture is stored: an override may only repeat it
+        stored = dict(state["model_config"])
+        for key, value in dict(arch or {}).items():
+            if stored.get(key) != value:
+                raise ConfigError(
+                    key, f"{value!r} contradicts the {stored.get(key)!r} stored in {path} (only "
+                    "checkpoints without a stored architecture need it)",
+                )  # fmt: skip
+        config = SiTConfig(**stored)
     else:
         dropped = sorted(k for k in weights if k.startswith(HEAD_PREFIXES))
         weights = {k: v for k, v in weights.items() if k not in dropped}
-        config = config_from_state_dict(weights, **dict(arch or {}))
+        try:
+            config = config_from_state_dict(weights, **dict(arch or {}))
+        except ValueError as err:
+            flag = " (command line: --num-heads)" if "num_heads" in str(err) else ""
+            raise ConfigError("architecture", f"{path}: {err}{flag}") from None
     if fused_attn is not None:
         config = config.replace(fused_attn=fused_attn)
     model = SiT(config)
@@ -322,7 +333,7 @@ def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
     path = out_dir / "chunks" / "manifest.json"
     wanted = json.loads(json.dumps(manifest, default=str))
     if path.is_file():
-        diff = _differences(json.loads(path.read_text()), wanted)
+        diff = differences(json.loads(path.read_text()), wanted)
         if diff:
             raise ConfigError(
                 "out",
@@ -331,14 +342,6 @@ def _check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
             )
         return
     _write_json(path, wanted)
-
-
-def _differences(old: Any, new: Any, key: str = "") -> list[str]:
-    """``"a.b: old → new"`` for every leaf where two JSON documents differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{key}.{k}")]
-    return [] if old == new else [f"{key.lstrip('.')}: {old!r} → {new!r}"]
 
 
 def _check_model(model: nn.Module, cfg: SamplingConfig, num_classes: int, shape: tuple) -> None:

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import json
 import random
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_latest, prune, save_checkpoint
 from .cka import block_similarity
-from .config import hashed_part
+from .config import differences, hashed_part
 from .data.sampler import BatchOrder
 from .files import atomic_write_bytes, git_revision
 from .host_memory import keep_freed_memory
@@ -536,12 +537,16 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_file = self.run_dir / "config.json"
         resolved = self.config.to_dict()
+        mine = hashed_part(json.loads(json.dumps(resolved)))
         if config_file.exists():  # a resume may change how it runs, never what it trains
-            first = hashed_part(json.loads(config_file.read_text()))
-            if first != hashed_part(json.loads(json.dumps(resolved))):
-                raise RuntimeError(f"{config_file} differs from this run's configuration")
+            diff = differences(hashed_part(json.loads(config_file.read_text())), mine)
+            if diff:
+                raise RuntimeError(
+                    f"{config_file} differs from this run's configuration: {'; '.join(diff)}"
+                )
         else:
             config_file.write_text(json.dumps(resolved, indent=2))
+            self._name_siblings(mine)
         prov = self.run_dir / "provenance.jsonl"
         entry = _provenance(self.accelerator) | {
             "resumed_from": str(self._resumed_from) if self._resumed_from else None,
@@ -551,6 +556,23 @@ class Trainer:
         with prov.open("a") as f:
             f.write(json.dumps(entry) + "\n")
         _trim_log(self.run_dir / "log.jsonl", self.step)
+
+    def _name_siblings(self, mine: dict[str, Any]) -> None:
+        """On a fresh start, name the other runs of this name and what differs (a changed
+        hashed value, e.g. ``optim.max_steps``, starts a new run instead of continuing one)."""
+        pattern = re.compile(re.escape(self.config.name) + r"-[0-9a-f]{10}")
+        found = []
+        for d in sorted(self.run_dir.parent.iterdir()):
+            if d != self.run_dir and pattern.fullmatch(d.name) and (d / "config.json").is_file():
+                theirs = hashed_part(json.loads((d / "config.json").read_text()))
+                found.append((len(diff := differences(theirs, mine)), d.name, diff))
+        if not found:
+            return
+        lines = [f"new run {self.run_dir.name}; other runs named {self.config.name!r}:"]
+        for _, name, diff in sorted(found)[:3]:
+            lines.append(f"  {name} differs in {'; '.join(diff[:4])}{' …' if diff[4:] else ''}")
+        lines.append("  (to train a run further, resume it with --max-steps N)")
+        self.accelerator.print("\n".join(lines))
 
 
 def _trim_log(path: Path, step: int) -> None:
