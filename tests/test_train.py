@@ -516,7 +516,8 @@ def test_resume_may_change_how_a_run_executes_not_what_it_trains(tmp_path, capsy
     assert trainer(config(tmp_path, **{"optim.max_steps": 4})).fit() == run
     assert f"{run} already finished at step 4; nothing to do\n" in capsys.readouterr().out
     # a changed hashed value is a new run: the start names its siblings and the difference
-    other = trainer(config(tmp_path, **{"optim.max_steps": 6})).fit(1)
+    fresh = {"optim.max_steps": 6, "checkpoint.continue_shorter": False}
+    other = trainer(config(tmp_path, **fresh)).fit(1)
     out = capsys.readouterr().out
     named = f"new run {other.name}; other runs named 'digits-sit':\n"
     assert named + f"  {run.name} differs in optim.max_steps: 4 → 6\n" in out
@@ -525,6 +526,34 @@ def test_resume_may_change_how_a_run_executes_not_what_it_trains(tmp_path, capsy
     (run / "config.json").write_text(json.dumps(saved))
     with pytest.raises(RuntimeError, match=r"differs from this run's configuration: seed: 1 → 0"):
         trainer(config(tmp_path, **{"optim.max_steps": 4})).fit()
+
+
+def test_a_longer_run_continues_a_shorter_one_exactly(tmp_path, capsys):
+    """Runs that differ only in optim.max_steps share a trajectory: a new run starts from the
+    newest checkpoint within its budget of such a run, and ends bitwise where a run from scratch
+    ends. Another configuration, or continue_shorter off, starts from scratch."""
+    short = trainer(config(tmp_path / "r", **{"optim.max_steps": 4})).fit()
+    capsys.readouterr()
+    longer = trainer(config(tmp_path / "r", **{"optim.max_steps": 7}))
+    assert longer.step == 4 and longer._resumed_from.parents[1] == short
+    run = longer.fit()
+    assert f"from step 4 of {short.name} (the configurations differ" in capsys.readouterr().out
+    behind = {"optim.max_steps": 9}
+    trainer(config(tmp_path / "r", **behind, **{"checkpoint.continue_shorter": False})).fit(2)
+    jumped = trainer(config(tmp_path / "r", **behind))  # its own checkpoint is at step 2
+    assert jumped.step == 7 and jumped._resumed_from.parents[1] == run
+    three = trainer(config(tmp_path / "r", **{"optim.max_steps": 3}))
+    assert three.step == 2  # the newest checkpoint within its budget (4 is beyond it)
+    scratch = trainer(config(tmp_path / "s", **{"optim.max_steps": 7})).fit()
+    a, _ = load_latest(run / "checkpoints")
+    b, _ = load_latest(scratch / "checkpoints")
+    assert a["step"] == b["step"] == 7
+    for key in ("model", "ema", "optimizer"):
+        states_equal(a[key], b[key])
+    other = {"optim.max_steps": 9, "optim.lr": 2e-4}
+    assert trainer(config(tmp_path / "r", **other)).step == 0
+    off = {"optim.max_steps": 11, "checkpoint.continue_shorter": False}
+    assert trainer(config(tmp_path / "r", **off)).step == 0
 
 
 def test_batch_must_fit_the_data_and_split_over_the_processes(tmp_path, monkeypatch):

@@ -44,9 +44,14 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_latest(directory: Path, map_location: Any = "cpu") -> tuple[dict[str, Any], Path] | None:
-    """The newest readable checkpoint, falling back past corrupt ones; ``None`` if there is none."""
-    for _, path in reversed(list_checkpoints(directory)):
+def load_latest(
+    directory: Path, map_location: Any = "cpu", max_step: int | None = None
+) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable checkpoint (at most ``max_step``), falling back past corrupt ones;
+    ``None`` if there is none."""
+    for step, path in reversed(list_checkpoints(directory)):
+        if max_step is not None and step > max_step:
+            continue
         try:
             state = torch.load(path, map_location=map_location, weights_only=False)
             missing = [k for k in REQUIRED if k not in state]

@@ -322,10 +322,14 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """``checkpoint:`` save period in steps and how many checkpoints to keep."""
+    """``checkpoint:`` save period in steps and how many checkpoints to keep. ``continue_shorter``:
+    a run (re)starts from the newest checkpoint within its budget, its own or one of a run whose
+    configuration differs only in ``optim.max_steps`` — the same trajectory, since nothing
+    depends on the budget (e.g. Table 2's 200 epochs continue the 80-epoch run)."""
 
     every: int = 5000
     keep_last: int = 3
+    continue_shorter: bool = True
 
     def __post_init__(self) -> None:
         _at_least(self, "every", 1)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_latest, prune, save_checkpoint
+from .checkpoint import list_checkpoints, load_latest, prune, save_checkpoint
 from .cka import block_similarity
 from .config import differences, hashed_part
 from .data.sampler import BatchOrder
@@ -298,7 +298,11 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        found = load_latest(self.ckpt_dir)
+        found = None
+        if self.config.checkpoint.continue_shorter:
+            own = max((s for s, _ in list_checkpoints(self.ckpt_dir)), default=-1)
+            found = self._same_trajectory(after=own)
+        found = found or load_latest(self.ckpt_dir)
         if found is None:
             return
         state, path = found
@@ -316,6 +320,34 @@ class Trainer:
             )
         _set_rng_state(rngs[index])
         self._resumed_from = path
+
+    def _same_trajectory(self, after: int) -> tuple[dict[str, Any], Path] | None:
+        """The newest checkpoint past step ``after`` and within this run's budget of another run
+        in ``runs/`` whose configuration differs only in ``optim.max_steps`` and that had as
+        many processes (the state this run would reach itself: nothing depends on the budget)."""
+        runs = self.run_dir.parent
+        if not runs.is_dir():
+            return None
+
+        def trajectory(payload: dict[str, Any]) -> dict[str, Any]:
+            part = hashed_part(payload)
+            part.get("optim", {}).pop("max_steps", None)
+            return part
+
+        mine = trajectory(json.loads(json.dumps(self.config.to_dict())))
+        budget, candidates = self.config.optim.max_steps, []
+        for d in sorted(runs.iterdir()):
+            conf = d / "config.json"
+            if d == self.run_dir or not conf.is_file():
+                continue
+            steps = [s for s, _ in list_checkpoints(d / "checkpoints") if after < s <= budget]
+            if steps and trajectory(json.loads(conf.read_text())) == mine:
+                candidates.append((max(steps), d.name))
+        for _, name in sorted(candidates, reverse=True):  # load only the one used
+            found = load_latest(runs / name / "checkpoints", max_step=budget)
+            if found is not None and len(found[0]["rng"]) == self.accelerator.num_processes:
+                return found
+        return None
 
     def save(self) -> Path | None:
         acc = self.accelerator
@@ -368,10 +400,14 @@ class Trainer:
         total = cfg.optim.max_steps if max_steps is None else max_steps
         self._write_run_files()
         if self._resumed_from is not None:
+            other = self._resumed_from.parents[1]
             acc.print(
                 f"{self.run_dir} already finished at step {self.step}; nothing to do"
                 if self.step >= total
                 else f"resuming {self.run_dir} from step {self.step}"
+                if other == self.run_dir
+                else f"continuing {self.run_dir} from step {self.step} of {other.name} (the "
+                "configurations differ only in optim.max_steps; checkpoint.continue_shorter)"
             )
         if cfg.logging.tensorboard:
             acc.init_trackers(cfg.name)
@@ -546,7 +582,8 @@ class Trainer:
                 )
         else:
             config_file.write_text(json.dumps(resolved, indent=2))
-            self._name_siblings(mine)
+            if self._resumed_from is None:
+                self._name_siblings(mine)
         prov = self.run_dir / "provenance.jsonl"
         entry = _provenance(self.accelerator) | {
             "resumed_from": str(self._resumed_from) if self._resumed_from else None,
