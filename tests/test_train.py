@@ -544,6 +544,9 @@ def test_a_longer_run_continues_a_shorter_one_exactly(tmp_path, capsys):
     assert jumped.step == 7 and jumped._resumed_from.parents[1] == run
     three = trainer(config(tmp_path / "r", **{"optim.max_steps": 3}))
     assert three.step == 2  # the newest checkpoint within its budget (4 is beyond it)
+    done = trainer(config(tmp_path / "r", **{"optim.max_steps": 6}))
+    assert done.step == 6  # nothing left to train, but the run gets its own checkpoint to sample
+    assert [s for s, _ in list_checkpoints(done.fit() / "checkpoints")] == [6]
     scratch = trainer(config(tmp_path / "s", **{"optim.max_steps": 7})).fit()
     a, _ = load_latest(run / "checkpoints")
     b, _ = load_latest(scratch / "checkpoints")

@@ -467,6 +467,8 @@ class Trainer:
                     acc.end_training()
                     raise Preempted()
             vote.close()
+        if not list_checkpoints(self.ckpt_dir):  # started at its budget from another run
+            self.save()
         if bar is not None:
             bar.close()
         acc.end_training()
