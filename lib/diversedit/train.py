@@ -349,6 +349,10 @@ class Trainer:
                 return found
         return None
 
+    def _started_elsewhere(self) -> bool:
+        """Whether the state came from another run's checkpoint (:meth:`_same_trajectory`)."""
+        return self._resumed_from is not None and self._resumed_from.parents[1] != self.run_dir
+
     def save(self) -> Path | None:
         acc = self.accelerator
         state = self.state_dict()  # collective: every process takes part
@@ -400,14 +404,14 @@ class Trainer:
         total = cfg.optim.max_steps if max_steps is None else max_steps
         self._write_run_files()
         if self._resumed_from is not None:
-            other = self._resumed_from.parents[1]
             acc.print(
                 f"{self.run_dir} already finished at step {self.step}; nothing to do"
-                if self.step >= total
+                if self.step >= total and not self._started_elsewhere()
                 else f"resuming {self.run_dir} from step {self.step}"
-                if other == self.run_dir
-                else f"continuing {self.run_dir} from step {self.step} of {other.name} (the "
-                "configurations differ only in optim.max_steps; checkpoint.continue_shorter)"
+                if not self._started_elsewhere()
+                else f"continuing {self.run_dir} from step {self.step} of "
+                f"{self._resumed_from.parents[1].name} (the configurations differ only in "
+                "optim.max_steps; checkpoint.continue_shorter)"
             )
         if cfg.logging.tensorboard:
             acc.init_trackers(cfg.name)
@@ -421,7 +425,7 @@ class Trainer:
         never = torch.full((), -1, dtype=torch.long, device=acc.device)
         batches = self._batches()
         bar = self._progress(total)
-        t0, images, window = time.perf_counter(), 0, 0
+        t0, images, window, start = time.perf_counter(), 0, 0, self.step
         with _SignalFlag() as flag:
             vote = _StopVote(flag, acc.num_processes)
             if vote.now():  # signalled before the first step: nothing new to save
@@ -467,8 +471,8 @@ class Trainer:
                     acc.end_training()
                     raise Preempted()
             vote.close()
-        if not list_checkpoints(self.ckpt_dir):  # started at its budget from another run
-            self.save()
+        if self.step == start and self._started_elsewhere():  # at its budget already: it still
+            self.save()  # gets a checkpoint of its own, to be sampled
         if bar is not None:
             bar.close()
         acc.end_training()
