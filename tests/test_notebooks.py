@@ -25,6 +25,7 @@ from diversedit.runner import (
     read_row_file,
     reproduce,
     row_configs,
+    run_waves,
     validate_params,
 )
 
@@ -94,6 +95,22 @@ def test_rows_shared_between_tables_are_one_run(tier):
     assert run("t02_sota_cfg", "diversedit-200ep") != run("t01_model_scales", "repa-xl-ours")
     assert _run_dirs("f01_cka", tier, "cka") == [*sit, *repa, *ours]
     assert len(sit | repa | ours) == 3
+
+
+def test_waves_never_train_one_run_twice_at_once():
+    """Rows of one wave train disjoint runs; a wave-2 row trains no run that a wave-1 row trains,
+    and only a run of its own that continues a shorter wave-1 run (t02's 200 epochs)."""
+    waves = run_waves(discover(None, "paper"))
+    dirs = {(r.table, r.row): set(_run_dirs(r.stem, "paper", r.row)) for r, _ in waves}
+    first = [dirs[(r.table, r.row)] for r, w in waves if w == 1]
+    assert sum(len(d) for d in first) == len(set().union(*first))  # pairwise disjoint
+    trained = set().union(*first)
+    later = {(r.table, r.row): dirs[(r.table, r.row)] - trained for r, w in waves if w == 2}
+    # Table 2's 200-epoch runs continue Table 1's 400K-step REPA-XL/2 (+ Ours) runs
+    assert {k for k, new in later.items() if new} == {("t02", "diversedit-200ep"), ("t02", "repa")}
+    news = [new for new in later.values() if new]
+    assert sum(len(n) for n in news) == len(set().union(*news))
+    assert {w for r, w in waves if r.table == "t02" and r.row == "diversedit-80ep"} == {2}
 
 
 def test_paper_rows_use_the_paper_protocol():

@@ -506,19 +506,38 @@ def validate_params(root: str | Path = REPO_ROOT) -> list[str]:
 
 def run_waves(rows: Sequence[Row]) -> list[tuple[Row, int]]:
     """Wave 1: the first row of each distinct set of runs; wave 2: rows whose runs all appear in
-    wave 1 (on a cluster they only sample and evaluate, after wave 1 has trained)."""
+    wave 1 (on a cluster they only sample and evaluate, after wave 1 has trained), and a row of
+    its own run that continues a wave-1 run with a smaller step budget (the same trajectory,
+    ``checkpoint.continue_shorter``: it starts where that run ends)."""
+    from .config import hashed_part
+
     cache: dict[str, dict[str, Any]] = {}
     dirs: list[set[str]] = []
+    budgets: dict[str, tuple[str, int]] = {}  # run dir → (trajectory, max_steps)
     for row in rows:
         if row.stem not in cache:
             cache[row.stem] = notebook_parameters(row.notebook)
         values = cache[row.stem] | read_row_file(row.params_file) | {"results_dir": "results"}
-        dirs.append({str(cfg.run_dir()) for cfg in row_configs(values, str(row.params_file))})
+        configs = row_configs(values, str(row.params_file))
+        dirs.append({str(cfg.run_dir()) for cfg in configs})
+        for cfg in configs:
+            part = hashed_part(json.loads(json.dumps(cfg.to_dict())))
+            steps = part["optim"].pop("max_steps")
+            budgets[str(cfg.run_dir())] = (json.dumps(part, sort_keys=True), steps)
     seen: set[str] = set()
     waves = [1] * len(rows)
     for i in sorted(range(len(rows)), key=lambda i: len(dirs[i])):  # one-run rows train first
         waves[i] = 2 if dirs[i] <= seen else 1
         seen |= dirs[i]
+    trained = {d for i, w in enumerate(waves) if w == 1 for d in dirs[i]}
+    for i, row_dirs in enumerate(dirs):
+        alone = all(not (row_dirs & other) for j, other in enumerate(dirs) if j != i)
+        shorter = [budgets[d] for d in trained - row_dirs]
+        continues = all(
+            any(t == budgets[d][0] and n < budgets[d][1] for t, n in shorter) for d in row_dirs
+        )
+        if waves[i] == 1 and alone and continues:
+            waves[i] = 2
     return list(zip(rows, waves, strict=True))
 
 
