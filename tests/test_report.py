@@ -507,6 +507,15 @@ def test_shared_runs_idle_diversity_and_figure_rows(tmp_path):
         (run / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         res = dataclasses.replace(_smoke_result("sit-b", f"runs/{row}"), table="t04", row=row)
         write_result(res, results)
+    # a run that started from only-orth's step-20 checkpoint: its curve and weights include those
+    cont = tmp_path / "runs" / "cont"
+    cont.mkdir()
+    start = {"resumed_from": str(tmp_path / "runs/only-orth/checkpoints/step_00000020.pt")}
+    (cont / "provenance.jsonl").write_text(json.dumps(start | {"step": 20}) + "\n")
+    (cont / "log.jsonl").write_text(json.dumps({"step": 30, "loss": 1.0, "div_weight": 0.0}))
+    res = dataclasses.replace(_smoke_result("sit-b", "runs/cont"), table="t04", row="only-mi")
+    write_result(res, results)
+    assert list(report.trajectory_log(cont)["div_weight"]) == [0.0, 0.2, 0.0]
     shared = dataclasses.replace(_smoke_result("sit-b", "runs/sit-b"), table="t04", row="repa-b")
     write_result(shared, results)  # the same run directory as t01's sit-b
     runs = [
@@ -517,7 +526,7 @@ def test_shared_runs_idle_diversity_and_figure_rows(tmp_path):
     data = report.load_report_data(results, PUBLISHED)
     curves = {f.layout.title.text: f for f in report.training_section(data)[1:]}
     t04 = {t.name for t in curves["t04 · smoke tier: training losses"].data}
-    assert t04 == {"REPA-B", "only L_disp", "only L_orth"}
+    assert t04 == {"REPA-B", "only L_disp", "only L_orth", "only L_MI"}
     heatmaps = [i for i in report.cka_section(data) if not isinstance(i, HTML)]
     titles = [f.layout.title.text for f in heatmaps if hasattr(f, "layout")]
     assert "CKA — t01 · SiT-B<br><sup>smoke tier</sup>" in titles  # sit-b's run: once
@@ -526,6 +535,7 @@ def test_shared_runs_idle_diversity_and_figure_rows(tmp_path):
     status = frame[("", "status")]
     assert status["only L_disp"] == "done, diversity loss idle (w = 0 at every step)"
     assert status["only L_orth"] == "done" and status["REPA-B"] == "done"
+    assert status["only L_MI"] == "done"  # w > 0 before it started from only-orth's checkpoint
     # f01: the paper tier's row file pending, under the names the smoke result reports
     f01 = data.agg[data.agg["table"] == "f01"].set_index(["tier", "row"])
     assert f01.loc[("paper", "cka"), "status"] == "pending"

@@ -147,12 +147,33 @@ def idle_diversity(results: Sequence[RowResult], results_dir: Path) -> set[tuple
     term at weight 1/3 that stays below ``adaptive_low``), so the row trained without it."""
     idle = set()
     for r in results:
-        log = run_dirs_of(r, results_dir).get("", Path("/nonexistent")) / "log.jsonl"
-        if log.is_file():
-            frame = read_log(log)
-            if "div_weight" in frame.columns and (frame["div_weight"] == 0).all():
-                idle.add((table_id(r.table), r.tier, r.row))
+        run = run_dirs_of(r, results_dir).get("")
+        frame = trajectory_log(run) if run is not None else pd.DataFrame()
+        if "div_weight" in frame.columns and (frame["div_weight"] == 0).all():
+            idle.add((table_id(r.table), r.tier, r.row))
     return idle
+
+
+def trajectory_log(run_dir: Path, _depth: int = 0) -> pd.DataFrame:
+    """A run's ``log.jsonl`` (empty frame if none), preceded, when the run started from another
+    run's checkpoint (``checkpoint.continue_shorter``: ``provenance.jsonl``'s first
+    ``resumed_from``), by that run's records up to the step it started from."""
+    log = run_dir / "log.jsonl"
+    frame = read_log(log) if log.is_file() else pd.DataFrame()
+    prov = run_dir / "provenance.jsonl"
+    lines = prov.read_text().splitlines() if prov.is_file() else []
+    first = json.loads(lines[0]) if lines else {}
+    source = first.get("resumed_from")
+    if not source or _depth > 8:
+        return frame
+    other = run_dir.parent / Path(source).parts[-3]  # <runs>/<run>/checkpoints/step_….pt
+    if other == run_dir or not other.is_dir():
+        return frame
+    earlier = trajectory_log(other, _depth + 1)
+    if earlier.empty:
+        return frame
+    earlier = earlier[earlier["step"] <= first.get("step", 0)]
+    return pd.concat([earlier, frame], ignore_index=True).sort_values("step", kind="stable")
 
 
 def _resolve_run_dir(path: str | Path | None, results_dir: Path) -> Path | None:
@@ -666,11 +687,9 @@ def training_section(data: ReportData) -> list[Any]:
     """One loss-curve figure per (table, tier) over the runs that have a ``log.jsonl``."""
     groups: dict[tuple[str, str], dict[str, pd.DataFrame]] = {}
     for r, label, d in _runs(data):
-        log = d / "log.jsonl"
-        if log.is_file():
-            frame = read_log(log)
-            if not frame.empty:
-                groups.setdefault((table_id(r.table), r.tier), {})[label] = frame
+        frame = trajectory_log(d)
+        if not frame.empty:
+            groups.setdefault((table_id(r.table), r.tier), {})[label] = frame
     items: list[Any] = [heading("Training curves", 2, anchor="training")]
     for (table, tier), logs in sorted(groups.items()):
         fig = training_figure(logs, f"{table} · {tier} tier: training losses")
