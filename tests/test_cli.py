@@ -73,3 +73,23 @@ def test_report_leaves_the_published_default_to_the_library(tmp_path, monkeypatc
     )
     main(["report", "--results", str(tmp_path)])
     assert seen == [None] and "report:" in capsys.readouterr().out
+
+
+def test_train_refuses_a_run_it_cannot_continue_exactly(tmp_path, capsys):
+    """A run directory whose config.json has other hashed values: one line, exit 2."""
+    import json
+
+    from accelerate.state import AcceleratorState
+
+    params = str(ROOT / "params" / "train" / "digits_sit.yaml")
+    argv = ["train", params, "--set", f"results_dir={tmp_path}", "--set", "model.depth=2",
+            "--set", "optim.max_steps=1", "--set", "logging.tensorboard=false"]  # fmt: skip
+    AcceleratorState._reset_state(True)
+    main(argv)
+    (run,) = (tmp_path / "runs").iterdir()
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(saved | {"seed": 7}))
+    capsys.readouterr()
+    AcceleratorState._reset_state(True)
+    line = _fails(argv, capsys)
+    assert line.endswith("differs from this run's configuration: seed: 7 → 0")

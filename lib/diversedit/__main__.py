@@ -93,9 +93,12 @@ def _train(args: argparse.Namespace) -> None:
         print(json.dumps(cfg.to_dict(), indent=2))
         print(f"run directory: {cfg.run_dir()}")
         return
-    from .train import train
+    from .train import ResumeError, train
 
-    print(f"run directory: {train(cfg, max_steps=args.max_steps)}")
+    try:
+        print(f"run directory: {train(cfg, max_steps=args.max_steps)}")
+    except ResumeError as err:  # e.g. another process count than the checkpoint's
+        raise UsageError(str(err)) from None
 
 
 def _prepare(args: argparse.Namespace) -> None:

@@ -53,6 +53,11 @@ class Preempted(SystemExit):
         super().__init__(REQUEUE_EXIT_CODE)
 
 
+class ResumeError(RuntimeError):
+    """A run directory this start cannot continue exactly: its checkpoint was written by another
+    number of processes, or its ``config.json`` has other hashed values."""
+
+
 class _SignalFlag:
     """Records SIGTERM / SIGUSR1 so the loop can checkpoint at the next step boundary. Nested
     inside another (:func:`train` installs one before the model is built), it starts with what
@@ -314,7 +319,7 @@ class Trainer:
         rngs = state["rng"]
         index = self.accelerator.process_index
         if len(rngs) != self.accelerator.num_processes:
-            raise RuntimeError(
+            raise ResumeError(
                 f"{path} was written by {len(rngs)} processes; resume with the same number "
                 f"(now {self.accelerator.num_processes}) for an exact continuation"
             )
@@ -583,7 +588,7 @@ class Trainer:
         if config_file.exists():  # a resume may change how it runs, never what it trains
             diff = differences(hashed_part(json.loads(config_file.read_text())), mine)
             if diff:
-                raise RuntimeError(
+                raise ResumeError(
                     f"{config_file} differs from this run's configuration: {'; '.join(diff)}"
                 )
         else:
