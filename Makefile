@@ -39,7 +39,7 @@ format: setup
 	$(BIN)/ruff format .
 
 bench: setup
-	$(BIN)/diversedit bench --device cpu --sizes tiny --out results/bench/cpu.json
+	$(BIN)/diversedit bench --device cpu --sizes tiny --out results/bench/local/$$(date +%F)_cpu_tiny.json
 
 # On a GPU node, with an environment that has the package's dependencies (GPU_PY): the CUDA
 # tests and the benchmark records for results/bench/ (under 10 minutes on one H100/H200). Each

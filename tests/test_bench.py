@@ -47,6 +47,26 @@ def test_bench_cli_writes_json(tmp_path):
     assert report["sampler"] == []
 
 
+def test_records_describe_themselves(tmp_path, capsys):
+    """Warm-up, variants, the sampler's own batch and repeats, CUDA-only fields, the CPU; the
+    sampler is printed too."""
+    out = tmp_path / "bench.json"
+    main(["bench", "--sizes", "tiny", "--variants", "sit,repa", "--batch", "2", "--steps", "1",
+          "--parts", "sampler", "--out", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    settings, machine = report["settings"], report["machine"]
+    assert settings["warmup"]["train"] == 3 and settings["warmup"]["sampler"] == 1
+    assert settings["gpu_only"] == ["peak_mem_gib", "flops_per_step", "mfu"]
+    repa = settings["variants"]["repa"]
+    assert "repa" in repa["objective"] and "stand-in" in repa["note"]
+    assert settings["variants"]["sit"] == {"model": {}, "objective": {}}
+    assert machine["cpu"] and machine["cpu_count"] >= machine["cpus_usable"] >= 1
+    sampler = report["sampler"]
+    assert [r["cfg_scale"] for r in sampler] == [1.0, 1.8]
+    assert all((r["timed_steps"], r["repeats"], r["batch"]) == (10, 3, 64) for r in sampler)
+    assert capsys.readouterr().out.count("sampler SDE") == 2
+
+
 @pytest.mark.triton_interpreted
 def test_bench_times_steps_with_the_triton_statistics(tmp_path, monkeypatch):
     """``--diversity-triton``: the steps run the Triton kernels (interpreted here) and say so;
@@ -173,6 +193,7 @@ def test_median_interval_order_statistics_and_coverage():
         (["--parts", "loss,speed"], "unknown bench parts ['speed']; choose from train, loss"),
         (["--device", "gpu"], "--device gpu: not a device; choose cpu, cuda or cuda:N"),
         (["--device", "cuda"], "--device cuda: no CUDA device is available"),
+        (["--out", "/proc/none/b.json"], "--out /proc/none/b.json: "),  # not after the timing
     ],
 )
 def test_bench_cli_checks_every_value_before_timing(flag, message, tmp_path, capsys, monkeypatch):

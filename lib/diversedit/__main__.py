@@ -9,6 +9,7 @@ resumes automatically).
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +38,13 @@ def _bench(args: argparse.Namespace) -> None:
         )  # fmt: skip
     except ValueError as err:
         raise UsageError(f"diversedit bench: {err}") from None
+    if args.out is not None:  # before minutes of timing, not after
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"diversedit bench: --out {args.out}: {err.strerror}") from None
+        if not os.access(args.out.parent, os.W_OK):
+            raise UsageError(f"diversedit bench: --out {args.out}: folder not writable")
     run(
         sizes,
         variants,
@@ -232,8 +240,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     bench.add_argument(
         "--parts",
-        default="train,loss,sampler",
-        help="comma list: train,loss,optimizer,sampler,inception",
+        default="train,loss,sampler,inception",
+        help="comma list: train,loss,optimizer,sampler,inception (sampler and inception time "
+        "their own batches and repeats, recorded in the JSON; peak memory, FLOPs and MFU are "
+        "measured on CUDA only)",
     )
     bench.add_argument("--out", type=Path, default=None, help="JSON file to write")
     bench.set_defaults(func=_bench)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -24,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import COMPILE_MODES, COMPILE_SCOPES, UPDATES
-from .files import git_revision
+from .files import atomic_write_bytes, git_revision
 from .host_memory import keep_freed_memory
 from .losses.diversity import DiversityConfig, diversity_loss
 from .losses.objective import ObjectiveConfig, compute_loss
@@ -52,6 +53,11 @@ TINY = dict(depth=12, hidden_size=192, num_heads=3, input_size=16, patch_size=2,
 # Dense bf16 tensor-core peak (FLOP/s) by device name fragment.
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 PARTS = ("train", "loss", "optimizer", "sampler", "inception")
+DEFAULT_PARTS = ("train", "loss", "sampler", "inception")  # optimizer: its compiled update
+# takes minutes to build on a CPU
+WARMUP = {"train": 3, "loss": 3, "optimizer": 2, "sampler": 1, "inception": 1}  # untimed calls
+SAMPLER_TIMED_STEPS, SAMPLER_REPEATS, SAMPLER_BATCH = 10, 3, 64
+GPU_ONLY = ("peak_mem_gib", "flops_per_step", "mfu")  # null on a CPU
 SIZES = ("tiny", *(name.removeprefix("SiT-") for name in MODEL_NAMES))  # tiny, S/1 … XL/8
 
 
@@ -285,7 +291,7 @@ def bench_train_step(
     variant: str,
     settings: StepSettings = StepSettings(),
     *,
-    warmup: int = 3,
+    warmup: int = WARMUP["train"],
     steps: int = 10,
     profile: bool = False,
 ) -> StepResult:
@@ -309,7 +315,7 @@ def bench_train_steps_interleaved(
     variants: Sequence[str],
     settings: StepSettings = StepSettings(),
     *,
-    warmup: int = 3,
+    warmup: int = WARMUP["train"],
     steps: int = 10,
     profile: bool = False,
 ) -> list[StepResult]:
@@ -392,7 +398,7 @@ def bench_diversity_loss(
             out = diversity_loss(feats, dcfg, compiled=compiled, triton=triton)
         torch.autograd.grad(out["loss"], feats)
 
-    median = statistics.median(_time(run, device, 3, steps))
+    median = statistics.median(_time(run, device, WARMUP["loss"], steps))
     return {
         "size": size, "impl": impl, "device": device, "batch": batch, "blocks": n,
         "tokens": cfg.num_patches, "hidden": d, "low_dtype": dtype, "fwd_bwd_ms": 1e3 * median,
@@ -431,9 +437,10 @@ def bench_inception(
     def run() -> None:
         ext._forward(images.to(ext.device, non_blocking=True))
 
-    median = statistics.median(_time(run, device, 1, batches))
+    median = statistics.median(_time(run, device, WARMUP["inception"], batches))
     return {
         "device": device, "batch": batch, "image_size": 256, "weights": used,
+        "warmup": WARMUP["inception"], "repeats": batches,
         "ms_per_batch": 1e3 * median, "images_per_s": batch / median,
     }  # fmt: skip
 
@@ -459,7 +466,7 @@ def bench_optimizer(
     opt.step()  # optimiser state
 
     def ms(fn: Callable[[], Any]) -> float:
-        return 1e3 * statistics.median(_time(fn, device, 2, steps))
+        return 1e3 * statistics.median(_time(fn, device, WARMUP["optimizer"], steps))
 
     out = {"size": size, "device": device, "params": count, "tensors": len(params)}
     out["update_ms"] = ms(_update(model, device, "library")[1])
@@ -481,9 +488,15 @@ def bench_optimizer(
 
 
 def bench_sampler(
-    size: str, *, device: str = "cpu", batch: int = 64, cfg_scale: float = 1.0, steps: int = 10
+    size: str,
+    *,
+    device: str = "cpu",
+    batch: int = SAMPLER_BATCH,
+    cfg_scale: float = 1.0,
+    steps: int = SAMPLER_TIMED_STEPS,
 ) -> dict[str, Any]:
-    """SDE (Euler–Maruyama) throughput, timed on ``steps`` steps and scaled to 250."""
+    """SDE (Euler–Maruyama) throughput, timed on ``steps`` steps and scaled to 250 (the sampler's
+    steps all cost the same: one network call, two with CFG)."""
     torch.manual_seed(0)
     model, _ = build(size, "sit", device)
     model.eval()
@@ -498,21 +511,38 @@ def bench_sampler(
                 model, z, y, num_steps=steps, cfg_scale=cfg_scale, null_label=cfg.num_classes
             )
 
-    median = statistics.median(_time(run, device, 1, 3))
+    median = statistics.median(_time(run, device, WARMUP["sampler"], SAMPLER_REPEATS))
     per_step = median / steps
     return {
         "size": size, "device": device, "batch": batch, "cfg_scale": cfg_scale,
+        "dtype": "bf16" if amp else "fp32", "timed_steps": steps,
+        "warmup": WARMUP["sampler"], "repeats": SAMPLER_REPEATS,
         "sde_step_ms": 1e3 * per_step, "images_per_s_250_steps": batch / (250 * per_step),
+        "extrapolated": f"batch / (250 × the median {steps}-step run's time per step)",
     }  # fmt: skip
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def machine() -> dict[str, Any]:
     """Hardware and versions (Triton's where installed), and the code's git revision (commit,
     uncommitted changes)."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     info = git_revision() | {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(usable) if usable is not None else os.cpu_count(),
         "threads": torch.get_num_threads(),
     }
     try:  # the Triton kernels' code depends on its version
@@ -524,6 +554,14 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def _describe(variant: str) -> dict[str, Any]:
+    """A variant's model options and objective terms, as recorded with its measurements."""
+    model_kw, obj_kw = VARIANTS[variant]
+    terms = {k: asdict(v) for k, v in obj_kw.items()}
+    note = "REPA targets: stand-in encoder features (random, no DINOv2 forward)"
+    return {"model": model_kw, "objective": terms} | ({"note": note} if "repa" in obj_kw else {})
 
 
 def _check_choices(what: str, given: Sequence[str], valid: Sequence[str]) -> None:
@@ -581,7 +619,7 @@ def run(
     dtype: str | None,
     compile_model: bool,
     out: Path | None,
-    parts: Sequence[str] = ("train", "loss", "sampler"),
+    parts: Sequence[str] = DEFAULT_PARTS,
     steps: int = 10,
     interleave: bool | None = None,
     compile_mode: str = "default",
@@ -610,6 +648,12 @@ def run(
         "interleave": interleave, "parts": list(parts), "profile": profile,
         "diversity_triton": diversity_triton, "update": update,
         "keep_freed_memory": torch.device(device).type == "cpu" and keep_freed_memory(),
+        "warmup": WARMUP, "gpu_only": list(GPU_ONLY),
+        "statistic": "median over the timed repeats (train: over steps; interleaved: rounds)",
+        "variants": {v: _describe(v) for v in variants},
+        "sampler": {"batch": SAMPLER_BATCH, "timed_steps": SAMPLER_TIMED_STEPS,
+                    "repeats": SAMPLER_REPEATS},
+        "inception_batch": 100 if device.startswith("cuda") else 8,
     }  # fmt: skip
     report: dict[str, Any] = {
         "machine": machine(), "settings": settings, "train_step": [], "diversity_loss": [],
@@ -618,8 +662,7 @@ def run(
 
     def save() -> None:
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2))
+            atomic_write_bytes(out, json.dumps(report, indent=2).encode())
 
     kw = dict(steps=steps, profile=profile)
     for size in sizes:
@@ -646,6 +689,7 @@ def run(
                 f"{r['images_per_s']:9.1f} img/s "
                 f"{r['step_ms']:8.2f} ms"
                 + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "")
+                + (f"  peak {r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else "")
                 + (f"  {r['page_faults']:.0f} page faults" if device == "cpu" else "")
                 + (f"  {r['overhead_vs_sit']:+.1%}" if r["overhead_vs_sit"] is not None else "")
                 + (f" (paired {r['overhead_paired']:+.1%}, 95% {ci[0]:+.1%}..{ci[1]:+.1%})"
@@ -674,12 +718,16 @@ def run(
             )
             save()
         for scale in (1.0, 1.8) if "sampler" in parts else ():
-            report["sampler"].append(bench_sampler(size, device=device, cfg_scale=scale))
+            r = bench_sampler(size, device=device, cfg_scale=scale)
+            report["sampler"].append(r)
+            print(
+                f"{size:>5} sampler SDE cfg {scale:.1f} {r['images_per_s_250_steps']:9.3f} img/s "
+                f"at 250 steps ({r['sde_step_ms']:.1f} ms per step, batch {r['batch']})",
+                flush=True,
+            )
             save()
     if "inception" in parts:
-        r = bench_inception(
-            device=device, batch=100 if device.startswith("cuda") else 8, batches=steps
-        )
+        r = bench_inception(device=device, batch=settings["inception_batch"], batches=steps)
         report["inception"].append(r)
         print(f"inception {r['images_per_s']:9.1f} img/s ({r['weights']})", flush=True)
         save()
