@@ -552,6 +552,20 @@ def test_shared_runs_idle_diversity_and_figure_rows(tmp_path):
 
 
 @needs_report
+def test_read_log_keeps_a_step_once_and_skips_a_torn_last_line(tmp_path):
+    from diversedit import report
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 20, "loss": 2.0}\n{"step": 10, "loss": 1.0}\n'
+                   '{"step": 20, "loss": 3.0}\n{"step": 30, "lo')  # fmt: skip
+    frame = report.read_log(log)
+    assert list(frame["step"]) == [10, 20] and list(frame["loss"]) == [1.0, 3.0]
+    log.write_text('{"step": 10, "lo\n{"step": 20, "loss": 2.0}\n')
+    with pytest.raises(json.JSONDecodeError):  # torn in the middle: not a kill, a broken file
+        report.read_log(log)
+
+
+@needs_report
 def test_figure_layouts_and_panel_titles(tmp_path):
     from diversedit import report
 

@@ -973,6 +973,14 @@ def differences(old: Any, new: Any, key: str = "") -> list[str]:
     return [] if old == new else [f"{key.lstrip('.')}: {old!r} → {new!r}"]
 
 
+def trajectory_part(payload: dict[str, Any]) -> dict[str, Any]:
+    """:func:`hashed_part` without ``optim.max_steps``: equal for runs on one trajectory (nothing
+    in training depends on the step budget; ``checkpoint.continue_shorter``)."""
+    part = hashed_part(payload)
+    part.get("optim", {}).pop("max_steps", None)
+    return part
+
+
 def hashed_part(payload: dict[str, Any]) -> dict[str, Any]:
     """A copy of a :meth:`RunConfig.to_dict` payload without the keys of :data:`HASH_EXCLUDED`
     (what :meth:`RunConfig.hash` covers; keys missing from older payloads are fine)."""

@@ -509,7 +509,7 @@ def run_waves(rows: Sequence[Row]) -> list[tuple[Row, int]]:
     wave 1 (on a cluster they only sample and evaluate, after wave 1 has trained), and a row of
     its own run that continues a wave-1 run with a smaller step budget (the same trajectory,
     ``checkpoint.continue_shorter``: it starts where that run ends)."""
-    from .config import hashed_part
+    from .config import trajectory_part
 
     cache: dict[str, dict[str, Any]] = {}
     dirs: list[set[str]] = []
@@ -521,9 +521,8 @@ def run_waves(rows: Sequence[Row]) -> list[tuple[Row, int]]:
         configs = row_configs(values, str(row.params_file))
         dirs.append({str(cfg.run_dir()) for cfg in configs})
         for cfg in configs:
-            part = hashed_part(json.loads(json.dumps(cfg.to_dict())))
-            steps = part["optim"].pop("max_steps")
-            budgets[str(cfg.run_dir())] = (json.dumps(part, sort_keys=True), steps)
+            part = trajectory_part(json.loads(json.dumps(cfg.to_dict())))
+            budgets[str(cfg.run_dir())] = (json.dumps(part, sort_keys=True), cfg.optim.max_steps)
     seen: set[str] = set()
     waves = [1] * len(rows)
     for i in sorted(range(len(rows)), key=lambda i: len(dirs[i])):  # one-run rows train first

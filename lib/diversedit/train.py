@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .checkpoint import list_checkpoints, load_latest, prune, save_checkpoint
 from .cka import block_similarity
-from .config import differences, hashed_part
+from .config import differences, hashed_part, trajectory_part
 from .data.sampler import BatchOrder
 from .files import atomic_write_bytes, git_revision
 from .host_memory import keep_freed_memory
@@ -333,20 +333,14 @@ class Trainer:
         runs = self.run_dir.parent
         if not runs.is_dir():
             return None
-
-        def trajectory(payload: dict[str, Any]) -> dict[str, Any]:
-            part = hashed_part(payload)
-            part.get("optim", {}).pop("max_steps", None)
-            return part
-
-        mine = trajectory(json.loads(json.dumps(self.config.to_dict())))
+        mine = trajectory_part(json.loads(json.dumps(self.config.to_dict())))
         budget, candidates = self.config.optim.max_steps, []
         for d in sorted(runs.iterdir()):
             conf = d / "config.json"
             if d == self.run_dir or not conf.is_file():
                 continue
             steps = [s for s, _ in list_checkpoints(d / "checkpoints") if after < s <= budget]
-            if steps and trajectory(json.loads(conf.read_text())) == mine:
+            if steps and trajectory_part(json.loads(conf.read_text())) == mine:
                 candidates.append((max(steps), d.name))
         for _, name in sorted(candidates, reverse=True):  # load only the one used
             found = load_latest(runs / name / "checkpoints", max_step=budget)
