@@ -45,6 +45,35 @@ def test_digits_cnn_trains_once_and_loads_from_cache(cnn, monkeypatch):
     assert again.meta == encoder.meta
 
 
+def test_digits_cnn_is_trained_once_by_concurrent_builders(cnn, tmp_path, monkeypatch):
+    """Two builders that find no cache at once (parallel notebook rows): one trains, the other
+    waits on the lock and loads its file."""
+    import threading
+
+    _, cached, _ = cnn
+    trained, calls = encoders.load_or_train_digits_cnn(cached), []
+
+    def slow_train():
+        calls.append(1)
+        threading.Event().wait(0.3)  # long enough for the other builder to look for the file
+        return trained[0].state_dict(), trained[1]
+
+    monkeypatch.setattr(encoders, "train_digits_cnn", slow_train)
+    path, nets = tmp_path / "digits_cnn.pt", []
+    workers = [
+        threading.Thread(target=lambda: nets.append(encoders.load_or_train_digits_cnn(path)[0]))
+        for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert calls == [1] and len(nets) == 2 and path.is_file()
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.glob(".digits_cnn.pt.*.tmp"))
+
+
 def test_digits_cnn_cache_location(cnn, tmp_path, monkeypatch):
     _, path, _ = cnn
     monkeypatch.setenv("DIVERSEDIT_CACHE", str(tmp_path))

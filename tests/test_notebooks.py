@@ -1,7 +1,8 @@
 """Notebooks, row params and the papermill batch runner.
 
 (a) every notebook and row file validates; the checks themselves catch bad files;
-(b) the runner on a fake table: failing, silent and good rows, skip-if-done, --force;
+(b) the runner on a fake table: failing, silent and good rows, skip-if-done, --force, rows in
+    parallel; the order and waits of parallel rows;
 (c) the real smoke suite: every notebook, every smoke row, under papermill (minutes).
 """
 
@@ -25,6 +26,7 @@ from diversedit.runner import (
     read_row_file,
     reproduce,
     row_configs,
+    run_order,
     run_waves,
     validate_params,
 )
@@ -111,6 +113,26 @@ def test_waves_never_train_one_run_twice_at_once():
     news = [new for new in later.values() if new]
     assert sum(len(n) for n in news) == len(set().union(*news))
     assert {w for r, w in waves if r.table == "t02" and r.row == "diversedit-80ep"} == {2}
+
+
+@pytest.mark.parametrize("tier", ["smoke", "paper"])
+def test_parallel_rows_wait_for_the_rows_they_share_a_run_with(tier):
+    """Rows that share a run never run at once (one waits for the other, whichever trains it);
+    a row whose run continues a shorter run on its trajectory waits for that run's rows."""
+    order, after = run_order(discover(None, tier))
+    assert len(order) == len(set(order)) == len(discover(None, tier)) == len(after)
+    assert all(j < i for i, a in enumerate(after) for j in a)  # only earlier rows
+    dirs = [set(_run_dirs(r.stem, tier, r.row)) for r in order]
+    for i in range(len(order)):
+        for j in range(i):
+            assert (j in after[i]) >= bool(dirs[i] & dirs[j]), (order[i], order[j])
+    index = {(r.table, r.row): i for i, r in enumerate(order)}
+    for row in ("diversedit-200ep", "repa"):  # continue Table 1's 400K-step XL/2 runs
+        first = ("t01", "repa-xl-ours" if row == "diversedit-200ep" else "repa-xl")
+        assert index[first] in after[index[("t02", row)]]
+    assert index[("t02", "diversedit-200ep")] not in after[index[("t02", "diversedit-80ep")]]
+    independent = [i for i, a in enumerate(after) if not a]
+    assert len(independent) > len(order) // 2  # most rows may start at once
 
 
 def test_paper_rows_use_the_paper_protocol():
@@ -351,6 +373,93 @@ def test_runner_reports_diverged_rows_as_results(fake_root, tmp_path, capsys):
     assert reproduce(["t98"], "smoke", **args) == 0
     assert _statuses(tmp_path)["nan"]["status"] == "diverged"
     assert "diverged" in capsys.readouterr().out
+
+
+def test_runner_runs_rows_in_parallel_processes(fake_root, tmp_path, capsys):
+    """With jobs=2 two rows run at once (each waits until the other has started: one at a time
+    they would time out); the summary keeps the rows' order; a failing row stays one row's
+    failure."""
+    meet = textwrap.dedent(
+        """\
+        import time
+        flag = pathlib.Path(results_dir, "started", row)
+        flag.parent.mkdir(parents=True, exist_ok=True)
+        flag.touch()
+        deadline = time.monotonic() + 60
+        while mode == "meet" and len(list(flag.parent.iterdir())) < 2:
+            assert time.monotonic() < deadline, "the other row never started"
+            time.sleep(0.05)
+        """
+    )
+    notebook = fake_root / "notebooks" / "t98_fake.py"
+    text = notebook.read_text()
+    notebook.write_text(text.replace("out = pathlib.Path(", meet + "out = pathlib.Path(", 1))
+    for row in ("meet-a", "meet-b"):
+        values = {"table": "t98", "row": row, "tier": "smoke", "mode": "meet"}
+        _write(fake_root / "params" / "t98_fake" / "smoke" / f"{row}.yaml", yaml.safe_dump(values))
+    args = dict(results_dir=tmp_path, root=fake_root, kernel="python3", jobs=2)
+    assert reproduce(["t98"], "smoke", rows=["meet-b", "bad", "meet-a"], **args) == 1
+    runs = _statuses(tmp_path)
+    assert {r: e["status"] for r, e in runs.items()} == {
+        "meet-a": "done",
+        "meet-b": "done",
+        "bad": "failed",
+    }
+    assert "boom from the fake notebook" in runs["bad"]["error"]
+    out = capsys.readouterr().out
+    summary = out[out.index("table/row") :]
+    assert summary.index("t98/bad") < summary.index("t98/meet-a") < summary.index("t98/meet-b")
+    with pytest.raises(ValueError, match="jobs"):
+        reproduce(["t98"], "smoke", **args | {"jobs": 0})
+
+
+def test_scheduler_waits_limits_and_survives_a_failed_start():
+    """Items start after the items they wait for, at most ``jobs`` at once, the others in order;
+    an item that cannot start (e.g. a broken process pool) fails alone."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diversedit.runner import _scheduled
+
+    after = [set(), set(), {0}, set(), {2, 3}]
+    lock, running, peak, log = threading.Lock(), [0], [0], []
+
+    def work(i: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            log.append(("start", i))
+        threading.Event().wait(0.01)
+        with lock:
+            running[0] -= 1
+            log.append(("end", i))
+        return i * 10
+
+    with ThreadPoolExecutor(4) as pool:
+
+        def start(i: int):
+            if i == 3:
+                raise RuntimeError("cannot start 3")
+            return pool.submit(work, i)
+
+        got = {i: f for i, f in _scheduled(after, 2, start)}
+    assert sorted(got) == [0, 1, 2, 3, 4] and peak[0] <= 2
+    assert [got[i].result() for i in (0, 1, 2, 4)] == [0, 10, 20, 40]
+    assert "cannot start 3" in str(got[3].exception())
+    for i, waits in enumerate(after):
+        for j in waits - {3}:
+            assert log.index(("end", j)) < log.index(("start", i))
+    assert [i for kind, i in log if kind == "start"][:2] == [0, 1]
+
+
+def test_default_jobs(monkeypatch):
+    from diversedit import runner
+
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert runner.default_jobs("smoke") == runner.MAX_SMOKE_JOBS
+    assert runner.default_jobs("paper") == 1
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert runner.default_jobs("smoke") == 2
 
 
 def test_runner_rejects_unknown_tables_and_rows(fake_root, tmp_path, capsys):

@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .files import atomic_write, file_lock
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DINOV2_TIMM = {
@@ -393,12 +395,12 @@ def load_or_train_digits_cnn(weights: str | Path | None = None) -> tuple[DigitsC
     path = digits_cnn_cache_path(weights)
     ckpt = _digits_cnn_checkpoint(path)
     if ckpt is None:
-        state, meta = train_digits_cnn()
-        ckpt = {"state_dict": state, "meta": meta}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
+        with file_lock(path.with_name(f".{path.name}.lock")):
+            ckpt = _digits_cnn_checkpoint(path)  # another process may have trained it meanwhile
+            if ckpt is None:
+                state, meta = train_digits_cnn()
+                ckpt = {"state_dict": state, "meta": meta}
+                atomic_write(path, lambda f: torch.save(ckpt, f))
     net = DigitsCNN()
     net.load_state_dict(ckpt["state_dict"])
     return net.eval().requires_grad_(False), dict(ckpt["meta"])

@@ -1,5 +1,5 @@
-"""Small helpers shared by every stage: atomic writes, temporary environments, the code's git
-revision."""
+"""Small helpers shared by every stage: atomic writes, file locks, temporary environments, the
+code's git revision."""
 
 from __future__ import annotations
 
@@ -60,6 +60,21 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if absent) for the block: processes
+    that build the same cached file (e.g. parallel notebook rows) build it once."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextmanager

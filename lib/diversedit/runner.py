@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ METRICS_FILE = "metrics.json"
 # papermill runs: plotly figures carry HTML (blank in nbconvert otherwise), no progress bars
 RUN_ENV = {"PLOTLY_RENDERER": "plotly_mimetype+notebook", "TQDM_DISABLE": "1"}
 SMOKE_ENV = {"OMP_NUM_THREADS": "1"}  # tiny CPU models: one intra-op thread is fastest
+MAX_SMOKE_JOBS = 8  # smoke rows at once by default (a row's kernel peaks at about 1.4 GB)
 SHELL_ESCAPES = ("!", "%%bash", "%%sh", "%%script", "%sx", "%system")
 
 
@@ -251,6 +255,68 @@ def run_one(
     return Outcome(row.table, row.row, row.tier, status, seconds, error, str(out))
 
 
+def default_jobs(tier: str) -> int:
+    """Rows at once: one per usable CPU core for the smoke tier (its kernels use one thread
+    each, ``SMOKE_ENV``), at most :data:`MAX_SMOKE_JOBS`; one for the paper tier (a row takes
+    the node's GPUs)."""
+    if tier != "smoke":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, MAX_SMOKE_JOBS))
+
+
+def _executor(jobs: int) -> Executor:
+    """Fresh worker processes for parallel rows (each sets its kernel's environment variables
+    in its own ``os.environ``); the runner's own process for one row at a time."""
+    if jobs == 1:
+        return _InlineExecutor()
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+class _InlineExecutor(Executor):
+    """Runs each submitted call at once in the caller's process."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as err:  # handed to the caller through the future
+            future.set_exception(err)
+        return future
+
+
+def _scheduled(
+    after: Sequence[set[int]], jobs: int, start: Callable[[int], Future]
+) -> Iterator[tuple[int, Future]]:
+    """Start item i (``start(i)``) once every item in ``after[i]`` has finished, at most ``jobs``
+    at a time and otherwise in order; yield (i, its finished future) as items finish. ``after``
+    may only name earlier items, so the first waiting item can always start eventually."""
+    waiting, running, finished = list(range(len(after))), {}, set()
+    while waiting or running:
+        for i in [i for i in waiting if after[i] <= finished][: jobs - len(running)]:
+            waiting.remove(i)
+            try:
+                running[start(i)] = i
+            except Exception as err:  # e.g. a broken process pool: this item fails, not the batch
+                failed: Future = Future()
+                failed.set_exception(err)
+                running[failed] = i
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in sorted(done, key=running.get):
+            i = running.pop(future)
+            finished.add(i)
+            yield i, future
+
+
+def _outcome(row: Row, future: Future, results: Path) -> Outcome:
+    """The row's outcome, or a failure when its worker process itself failed."""
+    err = future.exception()
+    if err is None:
+        return future.result()
+    out = str(row.out_dir(results))
+    return Outcome(row.table, row.row, row.tier, "failed", 0.0, _describe(err), out)
+
+
 def _result_status(metrics: Path) -> str:
     """``diverged`` when the row's results file says so, else ``done``."""
     try:
@@ -297,13 +363,16 @@ def reproduce(
     kernel: str | None = None,
     rows: Sequence[str] | None = None,
     root: str | Path = REPO_ROOT,
+    jobs: int | None = None,
 ) -> int:
     """Run every selected row of ``tier``; 0 when all rows are done, else 1.
 
     ``tables``: table ids or notebook stems (None: all); ``rows``: row slugs (None: all);
     ``results_dir`` is relative to the current directory; ``root`` holds notebooks/ and params/
-    and is the kernels' working directory. Raises ValueError for unknown tables, rows or tiers,
-    and, before anything runs, for any problem :func:`preflight` finds in the rows to run.
+    and is the kernels' working directory; ``jobs``: rows at once (None: :func:`default_jobs`),
+    each in its own process, a row starting only after the rows that share a run or a trajectory
+    with it (:func:`run_order`). Raises ValueError for unknown tables, rows or tiers, and, before
+    anything runs, for any problem :func:`preflight` finds in the rows to run.
     """
     if tier not in TIERS:
         raise ValueError(f"tier {tier!r} is not one of {TIERS}")
@@ -314,16 +383,23 @@ def reproduce(
     if problems:
         raise ValueError("nothing was run; fix these first:\n" + "\n".join(problems))
     kernel = kernel or default_kernel()
-    outcomes = []
-    for i, row in enumerate(selected, start=1):
-        outcome = run_one(row, results, kernel, force=force, root=root)
-        outcomes.append(outcome)
-        note = f" — {outcome.error}" if outcome.error else ""
-        print(
-            f"[{i}/{len(selected)}] {row.table}/{tier}/{row.row}: {outcome.status} "
-            f"({outcome.seconds:.1f} s){note}",
-            flush=True,
-        )
+    jobs = default_jobs(tier) if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    order, after = run_order(selected) if jobs > 1 else (selected, [set()] * len(selected))
+    run = partial(run_one, results_dir=results, kernel=kernel, force=force, root=root)
+    outcomes: dict[Row, Outcome] = {}
+    with _executor(jobs) as pool:
+        for i, future in _scheduled(after, jobs, lambda i: pool.submit(run, order[i])):
+            row = order[i]
+            outcome = outcomes[row] = _outcome(row, future, results)
+            note = f" — {outcome.error}" if outcome.error else ""
+            print(
+                f"[{len(outcomes)}/{len(order)}] {row.table}/{tier}/{row.row}: {outcome.status} "
+                f"({outcome.seconds:.1f} s){note}",
+                flush=True,
+            )
+    outcomes = [outcomes[row] for row in selected]
     print(_summary(outcomes))
     print(f"summary: {_write_runs(results, tier, outcomes)}")
     return 0 if all(o.status != "failed" for o in outcomes) else 1
@@ -504,28 +580,44 @@ def validate_params(root: str | Path = REPO_ROOT) -> list[str]:
     return problems
 
 
+def row_runs(rows: Sequence[Row]) -> list[dict[str, tuple[str, int]]]:
+    """Per row, the runs it trains or reuses: run directory → (trajectory, step budget), the
+    trajectory being :func:`~diversedit.config.trajectory_part` as JSON (equal for runs that
+    differ only in ``optim.max_steps``). Rows of notebooks without a run configuration (neither
+    RowParams nor CkaParams parameters) have none."""
+    from .config import trajectory_part
+
+    declared: dict[str, dict[str, Any]] = {}
+    runs = []
+    for row in rows:
+        if row.stem not in declared:
+            declared[row.stem] = notebook_parameters(row.notebook)
+        if schema_problem(list(declared[row.stem])):
+            runs.append({})
+            continue
+        values = declared[row.stem] | read_row_file(row.params_file) | {"results_dir": "results"}
+        mine = {}
+        for cfg in row_configs(values, str(row.params_file)):
+            part = trajectory_part(json.loads(json.dumps(cfg.to_dict())))
+            mine[str(cfg.run_dir())] = (json.dumps(part, sort_keys=True), cfg.optim.max_steps)
+        runs.append(mine)
+    return runs
+
+
 def run_waves(rows: Sequence[Row]) -> list[tuple[Row, int]]:
     """Wave 1: the first row of each distinct set of runs; wave 2: rows whose runs all appear in
     wave 1 (on a cluster they only sample and evaluate, after wave 1 has trained), and a row of
     its own run that continues a wave-1 run with a smaller step budget (the same trajectory,
     ``checkpoint.continue_shorter``: it starts where that run ends)."""
-    from .config import trajectory_part
+    return list(zip(rows, _waves(row_runs(rows)), strict=True))
 
-    cache: dict[str, dict[str, Any]] = {}
-    dirs: list[set[str]] = []
-    budgets: dict[str, tuple[str, int]] = {}  # run dir → (trajectory, max_steps)
-    for row in rows:
-        if row.stem not in cache:
-            cache[row.stem] = notebook_parameters(row.notebook)
-        values = cache[row.stem] | read_row_file(row.params_file) | {"results_dir": "results"}
-        configs = row_configs(values, str(row.params_file))
-        dirs.append({str(cfg.run_dir()) for cfg in configs})
-        for cfg in configs:
-            part = trajectory_part(json.loads(json.dumps(cfg.to_dict())))
-            budgets[str(cfg.run_dir())] = (json.dumps(part, sort_keys=True), cfg.optim.max_steps)
+
+def _waves(runs: Sequence[dict[str, tuple[str, int]]]) -> list[int]:
+    dirs = [set(r) for r in runs]
+    budgets = {d: b for r in runs for d, b in r.items()}  # run dir → (trajectory, max_steps)
     seen: set[str] = set()
-    waves = [1] * len(rows)
-    for i in sorted(range(len(rows)), key=lambda i: len(dirs[i])):  # one-run rows train first
+    waves = [1] * len(runs)
+    for i in sorted(range(len(runs)), key=lambda i: len(dirs[i])):  # one-run rows train first
         waves[i] = 2 if dirs[i] <= seen else 1
         seen |= dirs[i]
     trained = {d for i, w in enumerate(waves) if w == 1 for d in dirs[i]}
@@ -537,7 +629,26 @@ def run_waves(rows: Sequence[Row]) -> list[tuple[Row, int]]:
         )
         if waves[i] == 1 and alone and continues:
             waves[i] = 2
-    return list(zip(rows, waves, strict=True))
+    return waves
+
+
+def run_order(rows: Sequence[Row]) -> tuple[list[Row], list[set[int]]]:
+    """The rows in the order a batch starts them (wave 1, then wave 2, each in the given order)
+    and, per row of that order, the earlier rows it must wait for: those that train or reuse one
+    of its runs, or a run on one of its runs' trajectories with a smaller step budget (which its
+    run continues, ``checkpoint.continue_shorter``). Other rows may run at the same time."""
+    runs = row_runs(rows)
+    waves = _waves(runs)
+    order = sorted(range(len(rows)), key=lambda i: waves[i])
+    runs = [runs[i] for i in order]
+
+    def waits(i: int, j: int) -> bool:
+        theirs, mine = runs[j].values(), runs[i].values()
+        shorter = any(t == u and n < m for t, n in theirs for u, m in mine)
+        return shorter or bool(runs[i].keys() & runs[j].keys())
+
+    after = [{j for j in range(i) if waits(i, j)} for i in range(len(order))]
+    return [rows[i] for i in order], after
 
 
 # --------------------------------------------------------------------------- command line
@@ -545,7 +656,7 @@ def run_waves(rows: Sequence[Row]) -> list[tuple[Row, int]]:
 
 def main(argv: Sequence[str] | None = None, *, root: str | Path = REPO_ROOT) -> int:
     """``diversedit reproduce [TABLE …] --tier smoke|paper [--results DIR] [--force]
-    [--kernel NAME] [--rows ROW[,ROW …]] [--validate] [--list [--wave 1|2]]``."""
+    [--kernel NAME] [--rows ROW[,ROW …]] [--jobs N] [--validate] [--list [--wave 1|2]]``."""
     p = argparse.ArgumentParser(
         prog="diversedit reproduce",
         description="Run the table notebooks with papermill, one execution per row file.",
@@ -561,6 +672,13 @@ def main(argv: Sequence[str] | None = None, *, root: str | Path = REPO_ROOT) -> 
     p.add_argument("--validate", action="store_true", help="check notebooks and row files only")
     p.add_argument("--list", action="store_true", help="print 'STEM ROW' per selected row")
     p.add_argument("--wave", type=int, choices=(1, 2), help="with --list: rows of one wave")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="rows at once (default: one per CPU core, at most "
+        f"{MAX_SMOKE_JOBS}, for the smoke tier; 1 for the paper tier)",
+    )
     args = p.parse_args(argv)
     rows = [r for item in args.rows for r in item.split(",") if r] or None
     try:
@@ -582,6 +700,7 @@ def main(argv: Sequence[str] | None = None, *, root: str | Path = REPO_ROOT) -> 
             kernel=args.kernel,
             rows=rows,
             root=root,
+            jobs=args.jobs,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

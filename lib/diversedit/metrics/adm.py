@@ -24,6 +24,8 @@ import torch
 from scipy import linalg
 from scipy.special import rel_entr, softmax
 
+from ..files import atomic_write
+
 ADM_IS_SPLIT_SIZE = 5000
 ADM_PR_K = 3
 ADM_FID_EPS = 1e-6
@@ -242,11 +244,7 @@ class ReferenceStats:
         for name in _STR_KEYS:
             arrays[name] = np.array(getattr(self, name))
         arrays["n"] = np.array(-1 if self.n is None else self.n)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
+        atomic_write(Path(path), lambda f: np.savez(f, **arrays))  # concurrent writers: one wins
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceStats:
