@@ -306,7 +306,8 @@ if mode == "die":
 out = pathlib.Path(results_dir, table, tier, row)
 out.mkdir(parents=True, exist_ok=True)
 result = {"status": "diverged"} if mode == "diverge" else {"FD_digits": 1.0}
-(out / "metrics.json").write_text(json.dumps(result | {"cwd": os.getcwd()}))
+gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+(out / "metrics.json").write_text(json.dumps(result | {"cwd": os.getcwd(), "gpus": gpus}))
 """
 
 
@@ -375,10 +376,11 @@ def test_runner_reports_diverged_rows_as_results(fake_root, tmp_path, capsys):
     assert "diverged" in capsys.readouterr().out
 
 
-def test_runner_runs_rows_in_parallel_processes(fake_root, tmp_path, capsys):
+def test_runner_runs_rows_in_parallel_processes(fake_root, tmp_path, capsys, monkeypatch):
     """With jobs=2 two rows run at once (each waits until the other has started: one at a time
-    they would time out); the summary keeps the rows' order; a failing row stays one row's
-    failure."""
+    they would time out), each worker on its own GPU; the summary keeps the rows' order; a
+    failing row stays one row's failure."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     meet = textwrap.dedent(
         """\
         import time
@@ -406,7 +408,11 @@ def test_runner_runs_rows_in_parallel_processes(fake_root, tmp_path, capsys):
         "bad": "failed",
     }
     assert "boom from the fake notebook" in runs["bad"]["error"]
+    gpus = {json.loads((tmp_path / "t98" / "smoke" / r / "metrics.json").read_text())["gpus"]
+            for r in ("meet-a", "meet-b")}  # fmt: skip
+    assert gpus == {"3", "5"}
     out = capsys.readouterr().out
+    assert "2 rows at a time, on GPUs 3,5" in out
     summary = out[out.index("table/row") :]
     assert summary.index("t98/bad") < summary.index("t98/meet-a") < summary.index("t98/meet-b")
     with pytest.raises(ValueError, match="jobs"):
@@ -450,6 +456,16 @@ def test_scheduler_waits_limits_and_survives_a_failed_start():
         for j in waits - {3}:
             assert log.index(("end", j)) < log.index(("start", i))
     assert [i for kind, i in log if kind == "start"][:2] == [0, 1]
+
+
+def test_worker_gpus(monkeypatch):
+    from diversedit.runner import worker_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0, 1,2")
+    assert worker_gpus(4) == ["0", "1", "2", "0"] and worker_gpus(2) == ["0", "1"]
+    for one in ("7", "", "GPU-5a1e"):  # one GPU or none: nothing to share out
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", one)
+        assert worker_gpus(3) == []
 
 
 def test_default_jobs(monkeypatch):

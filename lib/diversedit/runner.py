@@ -265,12 +265,36 @@ def default_jobs(tier: str) -> int:
     return max(1, min(cores or 1, MAX_SMOKE_JOBS))
 
 
-def _executor(jobs: int) -> Executor:
+def worker_gpus(jobs: int) -> list[str]:
+    """One GPU per parallel worker, round-robin over the visible ones (``CUDA_VISIBLE_DEVICES``
+    when set, else every GPU torch sees); empty with fewer than two GPUs."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        import torch
+
+        ids = [str(i) for i in range(torch.cuda.device_count())]
+    else:
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+    return [ids[k % len(ids)] for k in range(jobs)] if len(ids) > 1 else []
+
+
+def _take_gpu(gpus: Any) -> None:
+    """Worker initializer: this worker's rows (and their kernels) see one GPU of ``gpus``."""
+    if not gpus.empty():
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus.get()
+
+
+def _executor(jobs: int, gpus: Sequence[str] = ()) -> Executor:
     """Fresh worker processes for parallel rows (each sets its kernel's environment variables
-    in its own ``os.environ``); the runner's own process for one row at a time."""
+    in its own ``os.environ``), each given one of ``gpus`` if any; the runner's own process for
+    one row at a time."""
     if jobs == 1:
         return _InlineExecutor()
-    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    context = multiprocessing.get_context("spawn")
+    queue = context.SimpleQueue()
+    for gpu in gpus:
+        queue.put(gpu)
+    return ProcessPoolExecutor(jobs, context, initializer=_take_gpu, initargs=(queue,))
 
 
 class _InlineExecutor(Executor):
@@ -370,7 +394,8 @@ def reproduce(
     ``tables``: table ids or notebook stems (None: all); ``rows``: row slugs (None: all);
     ``results_dir`` is relative to the current directory; ``root`` holds notebooks/ and params/
     and is the kernels' working directory; ``jobs``: rows at once (None: :func:`default_jobs`),
-    each in its own process, a row starting only after the rows that share a run or a trajectory
+    each in its own process (on a node with several GPUs, each worker is given one of them:
+    :func:`worker_gpus`), a row starting only after the rows that share a run or a trajectory
     with it (:func:`run_order`). Raises ValueError for unknown tables, rows or tiers, and, before
     anything runs, for any problem :func:`preflight` finds in the rows to run.
     """
@@ -388,8 +413,11 @@ def reproduce(
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     order, after = run_order(selected) if jobs > 1 else (selected, [set()] * len(selected))
     run = partial(run_one, results_dir=results, kernel=kernel, force=force, root=root)
+    gpus = worker_gpus(jobs) if jobs > 1 else []
+    if gpus:
+        print(f"{jobs} rows at a time, on GPUs {','.join(gpus)} (one per worker)", flush=True)
     outcomes: dict[Row, Outcome] = {}
-    with _executor(jobs) as pool:
+    with _executor(jobs, gpus) as pool:
         for i, future in _scheduled(after, jobs, lambda i: pool.submit(run, order[i])):
             row = order[i]
             outcome = outcomes[row] = _outcome(row, future, results)
@@ -676,8 +704,8 @@ def main(argv: Sequence[str] | None = None, *, root: str | Path = REPO_ROOT) -> 
         "--jobs",
         type=int,
         default=None,
-        help="rows at once (default: one per CPU core, at most "
-        f"{MAX_SMOKE_JOBS}, for the smoke tier; 1 for the paper tier)",
+        help="rows at once, each worker with its own GPU when there are several (default: one "
+        f"per CPU core, at most {MAX_SMOKE_JOBS}, for the smoke tier; 1 for the paper tier)",
     )
     args = p.parse_args(argv)
     rows = [r for item in args.rows for r in item.split(",") if r] or None
