@@ -411,6 +411,7 @@ def reproduce(
     jobs = default_jobs(tier) if jobs is None else jobs
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
+    jobs = min(jobs, max(1, len(pending)))  # done rows are skipped at once
     order, after = run_order(selected) if jobs > 1 else (selected, [set()] * len(selected))
     run = partial(run_one, results_dir=results, kernel=kernel, force=force, root=root)
     gpus = worker_gpus(jobs) if jobs > 1 else []
