@@ -6,7 +6,8 @@
 notebook writes last). A row is done only when its ``metrics.json`` exists after a run without
 error; done rows are skipped unless forced. Failures (a cell error, a dead kernel, anything) do
 not stop the batch; they make the return value non-zero. A summary goes to stdout and to
-``results/<tier>-runs.json``.
+``results/<tier>-runs.json``. Several rows may run at once, each in a worker process
+(``jobs``; :func:`run_order` says which rows must wait for which).
 
 ``validate_params()`` checks every notebook and row file without running anything.
 """
