@@ -18,6 +18,7 @@ from diversedit.pipeline import CKA_RUNS, ROW_PARAMETERS
 from diversedit.results import load_published
 from diversedit.runner import (
     REPO_ROOT,
+    default_jobs,
     discover,
     ensure_kernel,
     main,
@@ -288,15 +289,24 @@ FAKE_NOTEBOOK = """\
 table: str = "t98"  # table id
 row: str = "good"  # row slug
 tier: str = "smoke"  # tier
-mode: str = "ok"  # ok | raise | exit | die | diverge
+mode: str = "ok"  # ok | raise | exit | die | diverge | slow | kill
 results_dir: str = "results"  # results root
 
 # %%
 import json
 import os
 import pathlib
+import signal
 import sys
+import time
 
+started = time.time()
+if mode == "kill":  # kill the runner's worker process that runs this row (never anything else)
+    if "spawn_main" in pathlib.Path(f"/proc/{os.getppid()}/cmdline").read_text():
+        os.kill(os.getppid(), signal.SIGKILL)
+    os._exit(1)
+if mode == "slow":
+    time.sleep(1.0)
 if mode == "raise":
     raise RuntimeError("boom from the fake notebook")
 if mode == "exit":
@@ -307,7 +317,8 @@ out = pathlib.Path(results_dir, table, tier, row)
 out.mkdir(parents=True, exist_ok=True)
 result = {"status": "diverged"} if mode == "diverge" else {"FD_digits": 1.0}
 gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
-(out / "metrics.json").write_text(json.dumps(result | {"cwd": os.getcwd(), "gpus": gpus}))
+stamps = {"started": started, "ended": time.time()}
+(out / "metrics.json").write_text(json.dumps(result | {"cwd": os.getcwd(), "gpus": gpus} | stamps))
 """
 
 
@@ -419,6 +430,46 @@ def test_runner_runs_rows_in_parallel_processes(fake_root, tmp_path, capsys, mon
         reproduce(["t98"], "smoke", **args | {"jobs": 0})
 
 
+def _fake_rows(root: Path, modes: dict[str, str]) -> None:
+    for row, mode in modes.items():
+        values = {"table": "t98", "row": row, "tier": "smoke", "mode": mode}
+        _write(root / "params" / "t98_fake" / "smoke" / f"{row}.yaml", yaml.safe_dump(values))
+
+
+def test_parallel_rows_that_share_a_run_never_overlap(fake_root, tmp_path, monkeypatch):
+    """reproduce follows run_order: with three workers, the row that shares a run with the first
+    starts after it has ended, while an unrelated row runs beside the first."""
+    from diversedit import runner
+
+    _fake_rows(fake_root, {"s-first": "slow", "s-other": "slow", "s-shares": "slow"})
+    runs = {"s-first": {"runs/a": ("A", 1)}, "s-other": {"runs/b": ("B", 1)}}
+    runs["s-shares"] = runs["s-first"]
+    monkeypatch.setattr(runner, "row_runs", lambda rows: [runs[r.row] for r in rows])
+    args = dict(results_dir=tmp_path, root=fake_root, kernel="python3", jobs=3)
+    assert reproduce(["t98"], "smoke", rows=list(runs), **args) == 0
+    stamps = {
+        row: json.loads((tmp_path / "t98" / "smoke" / row / "metrics.json").read_text())
+        for row in runs
+    }
+    assert stamps["s-shares"]["started"] >= stamps["s-first"]["ended"]
+    assert stamps["s-other"]["started"] < stamps["s-first"]["ended"]
+
+
+def test_a_dead_worker_fails_its_rows_not_the_batch(fake_root, tmp_path):
+    """A worker process killed mid-row (the out-of-memory killer, say): that row fails, later
+    rows run in a fresh pool, and rows already done stay skipped."""
+    modes = {"k1-kill": "kill", "k2-beside": "slow", "k3-next": "ok", "k4-last": "slow"}
+    _fake_rows(fake_root, modes)  # k2 runs beside k1 (and may fail with it), k3 and k4 after
+    args = dict(results_dir=tmp_path, root=fake_root, kernel="python3")
+    assert reproduce(["t98"], "smoke", rows=["good"], **args) == 0
+    assert reproduce(["t98"], "smoke", rows=["good", *modes], jobs=2, **args) == 1
+    runs = _statuses(tmp_path)
+    assert runs["good"]["status"] == "skipped"
+    assert runs["k1-kill"]["status"] == "failed"
+    assert "BrokenProcessPool" in runs["k1-kill"]["error"]
+    assert runs["k3-next"]["status"] == runs["k4-last"]["status"] == "done"
+
+
 def test_scheduler_waits_limits_and_survives_a_failed_start():
     """Items start after the items they wait for, at most ``jobs`` at once, the others in order;
     an item that cannot start (e.g. a broken process pool) fails alone."""
@@ -512,7 +563,7 @@ def test_ensure_kernel_registers_this_interpreter():
 @pytest.mark.notebooks
 def test_smoke_suite_runs_every_notebook(tmp_path):
     """Every notebook × every smoke row under papermill: all done, finite digits metrics."""
-    code = reproduce(None, "smoke", results_dir=tmp_path)
+    code = reproduce(None, "smoke", results_dir=tmp_path, jobs=default_jobs("smoke"))
     rows = discover(None, "smoke")
     statuses = _statuses(tmp_path)
     assert code == 0, {r: e["error"] for r, e in statuses.items() if e["status"] == "failed"}

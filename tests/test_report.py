@@ -286,6 +286,23 @@ def test_read_results_needs_an_existing_directory(tmp_path):
     assert read_results(tmp_path) == []
 
 
+def test_read_results_skips_a_file_removed_while_reading(tmp_path, monkeypatch):
+    """A row rerun with --force beside the reader removes its metrics.json between the listing
+    and the read: that row is left out, the others are read."""
+    for row in ("sit-b", "repa-b"):
+        write_result(_smoke_result(row, f"runs/{row}"), tmp_path)
+    gone = tmp_path / "t01" / "smoke" / "repa-b" / "metrics.json"
+    read_text = Path.read_text
+
+    def vanishing(self, *args, **kwargs):
+        if self == gone:
+            self.unlink()
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", vanishing)
+    assert [r.row for r in read_results(tmp_path)] == ["sit-b"]
+
+
 def test_write_and_read_results(tmp_path):
     res = _smoke_result("sit-b", "runs/sit-b")
     path = write_result(res, tmp_path)

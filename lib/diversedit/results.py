@@ -367,6 +367,8 @@ def read_results(results_dir: str | Path) -> list[RowResult]:
     for path in sorted(base.glob("*/*/*/metrics.json")):
         try:
             res = RowResult.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:  # removed since the listing: a row being rerun beside us
+            continue
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: {e}") from e
         rel = path.relative_to(base).parts[:3]

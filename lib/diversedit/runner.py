@@ -25,6 +25,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -257,9 +258,10 @@ def run_one(
 
 
 def default_jobs(tier: str) -> int:
-    """Rows at once: one per usable CPU core for the smoke tier (its kernels use one thread
-    each, ``SMOKE_ENV``), at most :data:`MAX_SMOKE_JOBS`; one for the paper tier (a row takes
-    the node's GPUs)."""
+    """``diversedit reproduce``'s rows at once: one per usable CPU core for the smoke tier (its
+    kernels use one thread each, ``SMOKE_ENV``), at most :data:`MAX_SMOKE_JOBS`; one for the
+    paper tier (rows that train may run for days on one GPU each; ``--jobs`` shares out a
+    node's GPUs)."""
     if tier != "smoke":
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -286,16 +288,37 @@ def _take_gpu(gpus: Any) -> None:
 
 
 def _executor(jobs: int, gpus: Sequence[str] = ()) -> Executor:
-    """Fresh worker processes for parallel rows (each sets its kernel's environment variables
-    in its own ``os.environ``), each given one of ``gpus`` if any; the runner's own process for
-    one row at a time."""
-    if jobs == 1:
-        return _InlineExecutor()
-    context = multiprocessing.get_context("spawn")
-    queue = context.SimpleQueue()
-    for gpu in gpus:
-        queue.put(gpu)
-    return ProcessPoolExecutor(jobs, context, initializer=_take_gpu, initargs=(queue,))
+    """The runner's own process for one row at a time, else :class:`_Workers`."""
+    return _InlineExecutor() if jobs == 1 else _Workers(jobs, gpus)
+
+
+class _Workers(Executor):
+    """Spawned worker processes for parallel rows (each sets its kernel's environment variables
+    in its own ``os.environ``), each given one of ``gpus`` if any. When a worker dies (e.g. the
+    out-of-memory killer), the rows it and its siblings were running fail, and later rows start
+    in a fresh pool instead of failing too."""
+
+    def __init__(self, jobs: int, gpus: Sequence[str] = ()) -> None:
+        self.jobs, self.gpus = jobs, list(gpus)
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        context = multiprocessing.get_context("spawn")
+        queue = context.SimpleQueue()
+        for gpu in self.gpus:
+            queue.put(gpu)
+        return ProcessPoolExecutor(self.jobs, context, initializer=_take_gpu, initargs=(queue,))
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        try:
+            return self.pool.submit(fn, *args, **kwargs)
+        except BrokenProcessPool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
+            return self.pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
 class _InlineExecutor(Executor):
@@ -338,8 +361,11 @@ def _outcome(row: Row, future: Future, results: Path) -> Outcome:
     err = future.exception()
     if err is None:
         return future.result()
+    error = _describe(err)
+    if isinstance(err, BrokenProcessPool):
+        error = f"a worker process died while this row ran (killed? out of memory?): {error}"
     out = str(row.out_dir(results))
-    return Outcome(row.table, row.row, row.tier, "failed", 0.0, _describe(err), out)
+    return Outcome(row.table, row.row, row.tier, "failed", 0.0, error, out)
 
 
 def _result_status(metrics: Path) -> str:
@@ -388,20 +414,25 @@ def reproduce(
     kernel: str | None = None,
     rows: Sequence[str] | None = None,
     root: str | Path = REPO_ROOT,
-    jobs: int | None = None,
+    jobs: int = 1,
 ) -> int:
     """Run every selected row of ``tier``; 0 when all rows are done, else 1.
 
     ``tables``: table ids or notebook stems (None: all); ``rows``: row slugs (None: all);
     ``results_dir`` is relative to the current directory; ``root`` holds notebooks/ and params/
-    and is the kernels' working directory; ``jobs``: rows at once (None: :func:`default_jobs`),
-    each in its own process (on a node with several GPUs, each worker is given one of them:
+    and is the kernels' working directory; ``jobs``: rows at once, run by that many worker
+    processes (on a node with several GPUs each worker is given one of them,
     :func:`worker_gpus`), a row starting only after the rows that share a run or a trajectory
-    with it (:func:`run_order`). Raises ValueError for unknown tables, rows or tiers, and, before
-    anything runs, for any problem :func:`preflight` finds in the rows to run.
+    with it (:func:`run_order`); the command line's default is :func:`default_jobs`. A script
+    that calls this with ``jobs > 1`` needs an ``if __name__ == "__main__":`` guard (workers are
+    spawned, and a spawned process imports the main module). Raises ValueError for unknown
+    tables, rows or tiers, and, before anything runs, for any problem :func:`preflight` finds
+    in the rows to run.
     """
     if tier not in TIERS:
         raise ValueError(f"tier {tier!r} is not one of {TIERS}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     selected = discover(tables, tier, rows, root)
     results = Path(results_dir).resolve()
     pending = [r for r in selected if force or not (r.out_dir(results) / METRICS_FILE).is_file()]
@@ -409,24 +440,27 @@ def reproduce(
     if problems:
         raise ValueError("nothing was run; fix these first:\n" + "\n".join(problems))
     kernel = kernel or default_kernel()
-    jobs = default_jobs(tier) if jobs is None else jobs
-    if jobs < 1:
-        raise ValueError(f"jobs must be at least 1, got {jobs}")
-    jobs = min(jobs, max(1, len(pending)))  # done rows are skipped at once
-    order, after = run_order(selected) if jobs > 1 else (selected, [set()] * len(selected))
+    outcomes = {
+        row: Outcome(row.table, row.row, tier, "skipped", 0.0, None, str(row.out_dir(results)))
+        for row in selected
+        if row not in pending
+    }
+    for n, row in enumerate(outcomes, start=1):
+        print(f"[{n}/{len(selected)}] {row.table}/{tier}/{row.row}: skipped (done)", flush=True)
+    jobs = min(jobs, max(1, len(pending)))
+    order, after = run_order(pending) if jobs > 1 else (pending, [set()] * len(pending))
     run = partial(run_one, results_dir=results, kernel=kernel, force=force, root=root)
     gpus = worker_gpus(jobs) if jobs > 1 else []
     if gpus:
         print(f"{jobs} rows at a time, on GPUs {','.join(gpus)} (one per worker)", flush=True)
-    outcomes: dict[Row, Outcome] = {}
     with _executor(jobs, gpus) as pool:
         for i, future in _scheduled(after, jobs, lambda i: pool.submit(run, order[i])):
             row = order[i]
             outcome = outcomes[row] = _outcome(row, future, results)
             note = f" — {outcome.error}" if outcome.error else ""
             print(
-                f"[{len(outcomes)}/{len(order)}] {row.table}/{tier}/{row.row}: {outcome.status} "
-                f"({outcome.seconds:.1f} s){note}",
+                f"[{len(outcomes)}/{len(selected)}] {row.table}/{tier}/{row.row}: "
+                f"{outcome.status} ({outcome.seconds:.1f} s){note}",
                 flush=True,
             )
     outcomes = [outcomes[row] for row in selected]
@@ -730,7 +764,7 @@ def main(argv: Sequence[str] | None = None, *, root: str | Path = REPO_ROOT) -> 
             kernel=args.kernel,
             rows=rows,
             root=root,
-            jobs=args.jobs,
+            jobs=default_jobs(args.tier) if args.jobs is None else args.jobs,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -586,7 +586,8 @@ class Trainer:
                     f"{config_file} differs from this run's configuration: {'; '.join(diff)}"
                 )
         else:
-            config_file.write_text(json.dumps(resolved, indent=2))
+            # atomically: runs starting beside this one read every config.json in runs/
+            atomic_write_bytes(config_file, json.dumps(resolved, indent=2).encode())
             if self._resumed_from is None:
                 self._name_siblings(mine)
         prov = self.run_dir / "provenance.jsonl"
