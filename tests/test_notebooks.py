@@ -289,7 +289,7 @@ FAKE_NOTEBOOK = """\
 table: str = "t98"  # table id
 row: str = "good"  # row slug
 tier: str = "smoke"  # tier
-mode: str = "ok"  # ok | raise | exit | die | diverge | slow | kill
+mode: str = "ok"  # ok | raise | exit | die | diverge | slow | kill | beside (outlives kill)
 results_dir: str = "results"  # results root
 
 # %%
@@ -301,10 +301,16 @@ import sys
 import time
 
 started = time.time()
+killed = pathlib.Path(results_dir, "killed")
 if mode == "kill":  # kill the runner's worker process that runs this row (never anything else)
     if "spawn_main" in pathlib.Path(f"/proc/{os.getppid()}/cmdline").read_text():
+        killed.touch()
         os.kill(os.getppid(), signal.SIGKILL)
     os._exit(1)
+while mode == "beside" and not killed.exists() and time.time() < started + 60:
+    time.sleep(0.05)
+if mode == "beside":
+    time.sleep(5.0)  # still running when the runner notices the dead worker
 if mode == "slow":
     time.sleep(1.0)
 if mode == "raise":
@@ -458,7 +464,7 @@ def test_parallel_rows_that_share_a_run_never_overlap(fake_root, tmp_path, monke
 def test_a_dead_worker_fails_its_rows_not_the_batch(fake_root, tmp_path):
     """A worker process killed mid-row (the out-of-memory killer, say): that row fails, later
     rows run in a fresh pool, and rows already done stay skipped."""
-    modes = {"k1-kill": "kill", "k2-beside": "slow", "k3-next": "ok", "k4-last": "slow"}
+    modes = {"k1-kill": "kill", "k2-beside": "beside", "k3-next": "ok", "k4-last": "slow"}
     _fake_rows(fake_root, modes)  # k2 runs beside k1 (and may fail with it), k3 and k4 after
     args = dict(results_dir=tmp_path, root=fake_root, kernel="python3")
     assert reproduce(["t98"], "smoke", rows=["good"], **args) == 0
@@ -527,6 +533,11 @@ def test_default_jobs(monkeypatch):
     assert runner.default_jobs("paper") == 1
     monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert runner.default_jobs("smoke") == 2
+    given = []  # the command line runs rows in parallel unless told otherwise
+    monkeypatch.setattr(runner, "reproduce", lambda *a, **kw: given.append(kw["jobs"]) or 0)
+    for argv in (["t98"], ["t98", "--tier", "paper"], ["t98", "--jobs", "3"]):
+        assert runner.main(argv) == 0
+    assert given == [2, 1, 3]
 
 
 def test_runner_rejects_unknown_tables_and_rows(fake_root, tmp_path, capsys):

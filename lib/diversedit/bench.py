@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import COMPILE_MODES, COMPILE_SCOPES, UPDATES
-from .files import atomic_write_bytes, git_revision
+from .files import atomic_write_bytes, git_revision, usable_cpus
 from .host_memory import keep_freed_memory
 from .losses.diversity import DiversityConfig, diversity_loss
 from .losses.objective import ObjectiveConfig, compute_loss
@@ -536,13 +536,12 @@ def _cpu_model() -> str:
 def machine() -> dict[str, Any]:
     """Hardware and versions (Triton's where installed), and the code's git revision (commit,
     uncommitted changes)."""
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     info = git_revision() | {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(usable) if usable is not None else os.cpu_count(),
+        "cpus_usable": usable_cpus(),
         "threads": torch.get_num_threads(),
     }
     try:  # the Triton kernels' code depends on its version

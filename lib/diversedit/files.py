@@ -1,5 +1,5 @@
 """Small helpers shared by every stage: atomic writes, file locks, temporary environments, the
-code's git revision."""
+usable CPU cores, the code's git revision."""
 
 from __future__ import annotations
 
@@ -90,6 +90,13 @@ def environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def git_revision() -> dict[str, object]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from .files import atomic_write_bytes, environ
+from .files import atomic_write_bytes, environ, usable_cpus
 from .results import TIERS, table_id
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -262,10 +262,7 @@ def default_jobs(tier: str) -> int:
     kernels use one thread each, ``SMOKE_ENV``), at most :data:`MAX_SMOKE_JOBS`; one for the
     paper tier (rows that train may run for days on one GPU each; ``--jobs`` shares out a
     node's GPUs)."""
-    if tier != "smoke":
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cores or 1, MAX_SMOKE_JOBS))
+    return min(usable_cpus(), MAX_SMOKE_JOBS) if tier == "smoke" else 1
 
 
 def worker_gpus(jobs: int) -> list[str]:
@@ -440,10 +437,9 @@ def reproduce(
     if problems:
         raise ValueError("nothing was run; fix these first:\n" + "\n".join(problems))
     kernel = kernel or default_kernel()
-    outcomes = {
-        row: Outcome(row.table, row.row, tier, "skipped", 0.0, None, str(row.out_dir(results)))
-        for row in selected
-        if row not in pending
+    todo = set(pending)
+    outcomes = {  # run_one only says "skipped" for these
+        row: run_one(row, results, kernel, root=root) for row in selected if row not in todo
     }
     for n, row in enumerate(outcomes, start=1):
         print(f"[{n}/{len(selected)}] {row.table}/{tier}/{row.row}: skipped (done)", flush=True)
