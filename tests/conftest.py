@@ -54,3 +54,10 @@ def vae_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae") / "sd-vae-tiny"
     vae.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def not_a_checkpoint() -> bytes:
+    """Fixed bytes no ``torch.load`` can read: a pickle header, then an opcode that does not
+    exist (random bytes fail with an exception type that depends on their first byte)."""
+    return b"\x80\x02" + b"\xff" * 998

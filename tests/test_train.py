@@ -330,7 +330,7 @@ def test_a_signal_to_one_process_stops_all_at_one_checkpoint(tmp_path, signalled
     assert state["step"] == step >= 3 and len(state["rng"]) == 2
 
 
-def test_cli_rejects_bad_params_before_writing(tmp_path):
+def test_cli_rejects_bad_params_before_writing(tmp_path, not_a_checkpoint):
     def train(params, *sets):
         sets = [f"results_dir={tmp_path}/r", *sets]
         cmd = [sys.executable, "-m", "diversedit", "train", str(params)]
@@ -343,7 +343,7 @@ def test_cli_rejects_bad_params_before_writing(tmp_path):
     assert done.returncode == 2
     assert "bad.yaml" in done.stderr and "learning_rate" in done.stderr
     garbage = tmp_path / "fake.pth"  # encoder weights that exist but are no checkpoint
-    garbage.write_bytes(os.urandom(1000))
+    garbage.write_bytes(not_a_checkpoint)
     repa = PARAMS / "repa_b2_diversedit.yaml"
     done = train(repa, f"encoder.weights={garbage}", f"data.path={tmp_path}")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
