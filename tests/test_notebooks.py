@@ -290,6 +290,7 @@ table: str = "t98"  # table id
 row: str = "good"  # row slug
 tier: str = "smoke"  # tier
 mode: str = "ok"  # ok | raise | exit | die | diverge | slow | kill | beside (outlives kill)
+wait_for: str = ""  # a row that must start before this one ends (within 60 s)
 results_dir: str = "results"  # results root
 
 # %%
@@ -301,6 +302,12 @@ import sys
 import time
 
 started = time.time()
+flags = pathlib.Path(results_dir, "started")
+flags.mkdir(parents=True, exist_ok=True)
+(flags / row).touch()
+while wait_for and not (flags / wait_for).exists():
+    assert time.time() < started + 60, f"{wait_for} never started while {row} ran"
+    time.sleep(0.05)
 killed = pathlib.Path(results_dir, "killed")
 if mode == "kill":  # kill the runner's worker process that runs this row (never anything else)
     if "spawn_main" in pathlib.Path(f"/proc/{os.getppid()}/cmdline").read_text():
@@ -398,24 +405,8 @@ def test_runner_runs_rows_in_parallel_processes(fake_root, tmp_path, capsys, mon
     they would time out), each worker on its own GPU; the summary keeps the rows' order; a
     failing row stays one row's failure."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    meet = textwrap.dedent(
-        """\
-        import time
-        flag = pathlib.Path(results_dir, "started", row)
-        flag.parent.mkdir(parents=True, exist_ok=True)
-        flag.touch()
-        deadline = time.monotonic() + 60
-        while mode == "meet" and len(list(flag.parent.iterdir())) < 2:
-            assert time.monotonic() < deadline, "the other row never started"
-            time.sleep(0.05)
-        """
-    )
-    notebook = fake_root / "notebooks" / "t98_fake.py"
-    text = notebook.read_text()
-    notebook.write_text(text.replace("out = pathlib.Path(", meet + "out = pathlib.Path(", 1))
-    for row in ("meet-a", "meet-b"):
-        values = {"table": "t98", "row": row, "tier": "smoke", "mode": "meet"}
-        _write(fake_root / "params" / "t98_fake" / "smoke" / f"{row}.yaml", yaml.safe_dump(values))
+    meet = {"meet-a": {"wait_for": "meet-b"}, "meet-b": {"wait_for": "meet-a"}}
+    _fake_rows(fake_root, meet)
     args = dict(results_dir=tmp_path, root=fake_root, kernel="python3", jobs=2)
     assert reproduce(["t98"], "smoke", rows=["meet-b", "bad", "meet-a"], **args) == 1
     runs = _statuses(tmp_path)
@@ -436,18 +427,21 @@ def test_runner_runs_rows_in_parallel_processes(fake_root, tmp_path, capsys, mon
         reproduce(["t98"], "smoke", **args | {"jobs": 0})
 
 
-def _fake_rows(root: Path, modes: dict[str, str]) -> None:
+def _fake_rows(root: Path, modes: dict[str, str | dict[str, str]]) -> None:
+    """Params files of fake rows: a mode each, or a dict of the fake notebook's parameters."""
     for row, mode in modes.items():
-        values = {"table": "t98", "row": row, "tier": "smoke", "mode": mode}
+        values = {"table": "t98", "row": row, "tier": "smoke"}
+        values |= mode if isinstance(mode, dict) else {"mode": mode}
         _write(root / "params" / "t98_fake" / "smoke" / f"{row}.yaml", yaml.safe_dump(values))
 
 
 def test_parallel_rows_that_share_a_run_never_overlap(fake_root, tmp_path, monkeypatch):
     """reproduce follows run_order: with three workers, the row that shares a run with the first
-    starts after it has ended, while an unrelated row runs beside the first."""
+    starts after it has ended, while an unrelated row runs beside the first (the first waits
+    until it has started: one at a time, it would fail)."""
     from diversedit import runner
 
-    _fake_rows(fake_root, {"s-first": "slow", "s-other": "slow", "s-shares": "slow"})
+    _fake_rows(fake_root, {"s-first": {"wait_for": "s-other"}, "s-other": "ok", "s-shares": "ok"})
     runs = {"s-first": {"runs/a": ("A", 1)}, "s-other": {"runs/b": ("B", 1)}}
     runs["s-shares"] = runs["s-first"]
     monkeypatch.setattr(runner, "row_runs", lambda rows: [runs[r.row] for r in rows])
