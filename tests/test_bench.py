@@ -225,3 +225,60 @@ def test_bench_run_checks_options_before_building(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--device cuda:1: only 1 CUDA device\(s\) are"):
         check_options(["loss"], "default", device="cuda:1")
     assert not out.exists()
+
+
+def _gpu_check_recipe() -> tuple[list[str], list[str]]:
+    """The Makefile's benchmark command (after the interpreter) and ``gpu-check``'s lines."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    bench = shlex.split(
+        re.search(r"^BENCH\s*:?=\s*\$\(GPU_PY\) -m diversedit (.*)$", text, re.M)[1]
+    )
+    recipe = text[text.index("\ngpu-check:\n") :].split("\n\n")[0].splitlines()[2:]
+    return bench, [line.strip() for line in recipe]
+
+
+def test_gpu_check_commands_parse(tmp_path, monkeypatch):
+    """Every ``make gpu-check`` benchmark passes the command line's checks (a renamed flag would
+    waste a GPU session's few minutes): parsed here with a pretend CUDA device, nothing timed."""
+    import shlex
+
+    import torch
+
+    from diversedit import bench
+
+    base, recipe = _gpu_check_recipe()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(bench, "triton_runs_on", lambda device: True)
+    calls = []
+    monkeypatch.setattr(bench, "run", lambda *args, **kwargs: calls.append((args, kwargs)))
+    lines = [line for line in recipe if "$(BENCH)" in line]
+    for line in lines:
+        rest = shlex.split(line.split("$(BENCH)", 1)[1].replace("$(GPU_OUT)", str(tmp_path)))
+        main([*base, *rest])
+    assert len(calls) == len(lines) >= 5
+    assert all(kwargs["device"] == "cuda" and kwargs["batch"] == 32 for _, kwargs in calls)
+    assert {kwargs["update"] for _, kwargs in calls} >= {"triton", "compiled"}
+
+
+def test_gpu_check_test_selections_collect_tests():
+    """``make gpu-check``'s pytest selections each pick CUDA tests (collected, not run, here)."""
+    import re
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    selections = [line for line in _gpu_check_recipe()[1] if " -m pytest " in line]
+    assert len(selections) == 2
+    for line in selections:
+        args = shlex.split(line.split(" -m pytest ", 1)[1].split(" 2>&1")[0])
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", *args],  # args hold one -q
+            cwd=root, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        tests = re.findall(r"^tests/test_\w+\.py::\S+", done.stdout, re.M)
+        assert done.returncode == 0 and tests, done.stdout[-2000:]
