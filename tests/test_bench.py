@@ -2,11 +2,17 @@
 
 import importlib.util
 import json
+import re
+import shlex
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from diversedit.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_cli_writes_json(tmp_path):
@@ -229,11 +235,7 @@ def test_bench_run_checks_options_before_building(tmp_path, monkeypatch):
 
 def _gpu_check_recipe() -> tuple[list[str], list[str]]:
     """The Makefile's benchmark command (after the interpreter) and ``gpu-check``'s lines."""
-    import re
-    import shlex
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
     bench = shlex.split(
         re.search(r"^BENCH\s*:?=\s*\$\(GPU_PY\) -m diversedit (.*)$", text, re.M)[1]
     )
@@ -244,8 +246,6 @@ def _gpu_check_recipe() -> tuple[list[str], list[str]]:
 def test_gpu_check_commands_parse(tmp_path, monkeypatch):
     """Every ``make gpu-check`` benchmark passes the command line's checks (a renamed flag would
     waste a GPU session's few minutes): parsed here with a pretend CUDA device, nothing timed."""
-    import shlex
-
     import torch
 
     from diversedit import bench
@@ -266,19 +266,13 @@ def test_gpu_check_commands_parse(tmp_path, monkeypatch):
 
 def test_gpu_check_test_selections_collect_tests():
     """``make gpu-check``'s pytest selections each pick CUDA tests (collected, not run, here)."""
-    import re
-    import shlex
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     selections = [line for line in _gpu_check_recipe()[1] if " -m pytest " in line]
     assert len(selections) == 2
     for line in selections:
         args = shlex.split(line.split(" -m pytest ", 1)[1].split(" 2>&1")[0])
         done = subprocess.run(
             [sys.executable, "-m", "pytest", "--collect-only", *args],  # args hold one -q
-            cwd=root, capture_output=True, text=True, timeout=300,
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         tests = re.findall(r"^tests/test_\w+\.py::\S+", done.stdout, re.M)
         assert done.returncode == 0 and tests, done.stdout[-2000:]

@@ -400,6 +400,14 @@ def test_runner_reports_diverged_rows_as_results(fake_root, tmp_path, capsys):
     assert "diverged" in capsys.readouterr().out
 
 
+def _fake_rows(root: Path, modes: dict[str, str | dict[str, str]]) -> None:
+    """Params files of fake rows: a mode each, or a dict of the fake notebook's parameters."""
+    for row, mode in modes.items():
+        values = {"table": "t98", "row": row, "tier": "smoke"}
+        values |= mode if isinstance(mode, dict) else {"mode": mode}
+        _write(root / "params" / "t98_fake" / "smoke" / f"{row}.yaml", yaml.safe_dump(values))
+
+
 def test_runner_runs_rows_in_parallel_processes(fake_root, tmp_path, capsys, monkeypatch):
     """With jobs=2 two rows run at once (each waits until the other has started: one at a time
     they would time out), each worker on its own GPU; the summary keeps the rows' order; a
@@ -425,14 +433,6 @@ def test_runner_runs_rows_in_parallel_processes(fake_root, tmp_path, capsys, mon
     assert summary.index("t98/bad") < summary.index("t98/meet-a") < summary.index("t98/meet-b")
     with pytest.raises(ValueError, match="jobs"):
         reproduce(["t98"], "smoke", **args | {"jobs": 0})
-
-
-def _fake_rows(root: Path, modes: dict[str, str | dict[str, str]]) -> None:
-    """Params files of fake rows: a mode each, or a dict of the fake notebook's parameters."""
-    for row, mode in modes.items():
-        values = {"table": "t98", "row": row, "tier": "smoke"}
-        values |= mode if isinstance(mode, dict) else {"mode": mode}
-        _write(root / "params" / "t98_fake" / "smoke" / f"{row}.yaml", yaml.safe_dump(values))
 
 
 def test_parallel_rows_that_share_a_run_never_overlap(fake_root, tmp_path, monkeypatch):
