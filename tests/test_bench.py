@@ -70,7 +70,32 @@ def test_records_describe_themselves(tmp_path, capsys):
     sampler = report["sampler"]
     assert [r["cfg_scale"] for r in sampler] == [1.0, 1.8]
     assert all((r["timed_steps"], r["repeats"], r["batch"]) == (10, 3, 64) for r in sampler)
-    assert capsys.readouterr().out.count("sampler SDE") == 2
+    assert all((r["precision"], r["tf32"]) == ("fp32", None) for r in sampler)  # CPU: fp32
+    assert capsys.readouterr().out.count("sampler SDE fp32") == 2
+
+
+@pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("bf16", True)])
+def test_sampler_bench_runs_the_network_as_sampling_does(monkeypatch, precision, tf32):
+    """The timed sampler sees the autocast and TF32 switches that ``diversedit sample`` sets for
+    the same settings, and the switches are given back afterwards."""
+    import torch
+
+    from diversedit import bench
+
+    seen = []
+
+    def sampler(model, z, y, **kwargs):
+        flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), *flags))
+        return z
+
+    monkeypatch.setattr(bench, "euler_maruyama_sampler", sampler)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    r = bench.bench_sampler("tiny", batch=2, precision=precision, tf32=tf32, steps=1)
+    autocast = (True, torch.bfloat16) if precision == "bf16" else (False,)
+    assert seen and all(s[: len(autocast)] == autocast and s[2:] == (tf32, tf32) for s in seen)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    assert (r["precision"], r["tf32"]) == (precision, None)  # TF32 is recorded on CUDA only
 
 
 @pytest.mark.triton_interpreted

@@ -290,6 +290,44 @@ def test_sampling_model_is_in_eval_mode(loaded, reference, tmp_path):
     assert path.read_bytes() == reference.read_bytes()
 
 
+class Tf32Log:
+    """Forward pre-hook recording the CUDA TF32 switches (matmul, cuDNN) at every model call."""
+
+    def __init__(self, model):
+        self.seen = set()
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.seen.add((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tf32_switches_hold_while_sampling_and_are_restored(loaded, reference, tmp_path, tf32):
+    """REPA's generate.py turns TF32 matmuls on unless --no-tf32; ``tf32`` sets both CUDA
+    switches for the model calls (and the decoder) and gives back what was set before."""
+    model, _ = loaded
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    try:
+        with Tf32Log(model) as log:
+            path = _gen(model, tmp_path, cfg=_cfg(tf32=tf32))
+        assert log.seen == {(tf32, tf32)}
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (
+            not tf32,
+            not tf32,
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert path.read_bytes() == reference.read_bytes()  # no TF32 on a CPU: the same samples
+    assert json.loads((tmp_path / "sampling.json").read_text())["sampling"]["tf32"] is tf32
+
+
 def test_bad_sources_and_settings_fail_clearly(loaded, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_for_sampling(tmp_path / "nope")
@@ -301,6 +339,8 @@ def test_bad_sources_and_settings_fail_clearly(loaded, tmp_path):
         SamplingConfig(mode="meanflow", cfg_scale=1.8)
     with pytest.raises(ValueError, match="guidance_low"):
         SamplingConfig(guidance_low=0.8, guidance_high=0.7)
+    with pytest.raises(ConfigError, match=r"^tf32: .*tf32='no' \(need true or false\)"):
+        SamplingConfig(tf32="no")
     with pytest.raises(ValueError, match="MeanFlow"):
         _gen(loaded[0], tmp_path, cfg=_cfg(mode="meanflow", num_steps=1))
     with pytest.raises(ValueError, match="latent_shape"):
@@ -333,6 +373,10 @@ def test_command_line(run_dir, tmp_path, capsys):
     stderr = capsys.readouterr().err
     assert stderr.count("\n") == 1 and "sampling.num_steps: 2 → 3" in stderr
     assert sorted((tmp_path / "cli" / "chunks").iterdir()) == chunks
+    # --no-tf32 is a setting of the samples, like the step count
+    with pytest.raises(SystemExit) as err:
+        main([*argv, "--no-tf32", "--out", str(tmp_path / "cli")])
+    assert "sampling.tf32: True → False" in capsys.readouterr().err
 
 
 def test_command_line_missing_source(tmp_path, capsys):

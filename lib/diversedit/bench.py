@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import COMPILE_MODES, COMPILE_SCOPES, UPDATES
 from .files import atomic_write_bytes, git_revision, usable_cpus
+from .generate import SamplingConfig, allow_tf32, model_autocast
 from .host_memory import keep_freed_memory
 from .losses.diversity import DiversityConfig, diversity_loss
 from .losses.objective import ObjectiveConfig, compute_loss
@@ -57,6 +59,8 @@ DEFAULT_PARTS = ("train", "loss", "sampler", "inception")  # optimizer: its comp
 # takes minutes to build on a CPU
 WARMUP = {"train": 3, "loss": 3, "optimizer": 2, "sampler": 1, "inception": 1}  # untimed calls
 SAMPLER_TIMED_STEPS, SAMPLER_REPEATS, SAMPLER_BATCH = 10, 3, 64
+# (precision, tf32) timed on CUDA: `diversedit sample`'s default, IEEE float32, bf16 autocast
+SAMPLER_NUMERICS = [("fp32", True), ("fp32", False), ("bf16", True)]
 GPU_ONLY = ("peak_mem_gib", "flops_per_step", "mfu")  # null on a CPU
 SIZES = ("tiny", *(name.removeprefix("SiT-") for name in MODEL_NAMES))  # tiny, S/1 … XL/8
 
@@ -493,20 +497,22 @@ def bench_sampler(
     device: str = "cpu",
     batch: int = SAMPLER_BATCH,
     cfg_scale: float = 1.0,
+    precision: str = "fp32",
+    tf32: bool = SamplingConfig.tf32,
     steps: int = SAMPLER_TIMED_STEPS,
 ) -> dict[str, Any]:
     """SDE (Euler–Maruyama) throughput, timed on ``steps`` steps and scaled to 250 (the sampler's
-    steps all cost the same: one network call, two with CFG)."""
+    steps all cost the same: one network call, two with CFG). The model runs as ``diversedit
+    sample`` runs it with the same ``precision`` (autocast) and ``tf32`` (CUDA float32 math)."""
     torch.manual_seed(0)
     model, _ = build(size, "sit", device)
     model.eval()
     cfg = model.config
     z = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    amp = device.startswith("cuda")
 
     def run() -> None:
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+        with allow_tf32(tf32), model_autocast(precision, torch.device(device).type):
             euler_maruyama_sampler(
                 model, z, y, num_steps=steps, cfg_scale=cfg_scale, null_label=cfg.num_classes
             )
@@ -515,8 +521,8 @@ def bench_sampler(
     per_step = median / steps
     return {
         "size": size, "device": device, "batch": batch, "cfg_scale": cfg_scale,
-        "dtype": "bf16" if amp else "fp32", "timed_steps": steps,
-        "warmup": WARMUP["sampler"], "repeats": SAMPLER_REPEATS,
+        "precision": precision, "tf32": tf32 if device.startswith("cuda") else None,
+        "timed_steps": steps, "warmup": WARMUP["sampler"], "repeats": SAMPLER_REPEATS,
         "sde_step_ms": 1e3 * per_step, "images_per_s_250_steps": batch / (250 * per_step),
         "extrapolated": f"batch / (250 × the median {steps}-step run's time per step)",
     }  # fmt: skip
@@ -716,12 +722,17 @@ def run(
                 flush=True,
             )
             save()
-        for scale in (1.0, 1.8) if "sampler" in parts else ():
-            r = bench_sampler(size, device=device, cfg_scale=scale)
+        for (precision, tf32), scale in product(
+            SAMPLER_NUMERICS if device.startswith("cuda") else [("fp32", True)],
+            (1.0, 1.8) if "sampler" in parts else (),
+        ):
+            r = bench_sampler(size, device=device, cfg_scale=scale, precision=precision, tf32=tf32)
             report["sampler"].append(r)
+            numerics = precision if tf32 or precision != "fp32" else "fp32 IEEE"
             print(
-                f"{size:>5} sampler SDE cfg {scale:.1f} {r['images_per_s_250_steps']:9.3f} img/s "
-                f"at 250 steps ({r['sde_step_ms']:.1f} ms per step, batch {r['batch']})",
+                f"{size:>5} sampler SDE {numerics} cfg {scale:.1f} "
+                f"{r['images_per_s_250_steps']:9.3f} img/s at 250 steps "
+                f"({r['sde_step_ms']:.1f} ms per step, batch {r['batch']})",
                 flush=True,
             )
             save()

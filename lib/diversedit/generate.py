@@ -23,6 +23,7 @@ import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "ATTENTION_KERNELS",
     "QUANTISATION",
     "SamplingConfig",
+    "allow_tf32",
     "attention_kernel",
     "build_parser",
     "chunk_seed",
@@ -48,6 +50,7 @@ __all__ = [
     "generate",
     "load_for_sampling",
     "main",
+    "model_autocast",
     "sample_run",
 ]
 
@@ -80,6 +83,7 @@ class SamplingConfig:
     vae: str = "stabilityai/sd-vae-ft-mse"  # local dir or hub id (REPA's generate uses ema)
     latent_scale: float = 0.18215
     precision: str = "fp32"  # autocast dtype of the model: fp32 | bf16 | fp16
+    tf32: bool = True  # CUDA: TF32 tensor cores for float32 math (REPA's generate.py --tf32)
 
     def __post_init__(self) -> None:
         positive = "an int >= 1"
@@ -107,6 +111,7 @@ class SamplingConfig:
             "vae": (isinstance(self.vae, str) and bool(self.vae), "a local dir or a hub id"),
             "latent_scale": (self.latent_scale > 0, "> 0"),
             "precision": (self.precision in PRECISIONS, f"one of {tuple(PRECISIONS)}"),
+            "tf32": (isinstance(self.tf32, bool), "true or false"),
         }
         bad = [(key, need) for key, (ok, need) in checks.items() if not ok]
         if bad:
@@ -119,6 +124,25 @@ class SamplingConfig:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@contextmanager
+def allow_tf32(enabled: bool) -> Iterator[None]:
+    """TF32 tensor cores for float32 matmuls and convolutions on CUDA while inside (REPA's
+    ``generate.py`` turns them on for the model and the VAE unless ``--no-tf32``); the backend
+    flags are restored on exit. No effect on other devices."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def model_autocast(precision: str, device_type: str) -> torch.autocast:
+    """The sampling network's autocast region for ``precision`` (disabled for fp32)."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -385,8 +409,7 @@ def _make_chunk(
     device: torch.device,
 ) -> tuple[np.ndarray, np.ndarray]:
     start, stop = _chunk_bounds(cfg, c)
-    dtype = PRECISIONS[cfg.precision]
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with model_autocast(cfg.precision, device.type):
         x, y = sample(
             model,
             stop - start,
@@ -492,7 +515,8 @@ def _run_chunks(
     from tqdm.auto import tqdm
 
     total = sum(stop - start for start, stop in (_chunk_bounds(cfg, c) for c in pending))
-    with tqdm(total=total, desc="sample", unit="img", disable=not progress) as bar:
+    bar = tqdm(total=total, desc="sample", unit="img", disable=not progress)
+    with bar, allow_tf32(cfg.tf32):
         for c in pending:
             images, labels = _make_chunk(model, cfg, c, num_classes, shape, decode, device)
             atomic_write(
@@ -561,10 +585,6 @@ def _merge(
             "chunk_seeds": [chunk_seed(cfg.seed, c) for c in range(num_chunks)],
         },
         **info,
-        "tf32": {
-            "matmul": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn": torch.backends.cudnn.allow_tf32,
-        },
         "torch": torch.__version__,
         "numpy": np.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -691,6 +711,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--vae", default=d.vae, help="local SD-VAE directory or hub id")
     p.add_argument("--latent-scale", type=float, default=d.latent_scale)
     p.add_argument("--precision", default=d.precision, choices=tuple(PRECISIONS))
+    p.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=d.tf32,
+        help="CUDA: TF32 matmuls and convolutions for float32 math (REPA's default)",
+    )
     p.add_argument("--which", default="ema", choices=("ema", "model"))
     p.add_argument("--num-heads", type=int, default=None, help="for foreign non-registry widths")
     p.add_argument(
@@ -720,6 +746,7 @@ def config_from_args(args: argparse.Namespace) -> SamplingConfig:
         vae=args.vae,
         latent_scale=args.latent_scale,
         precision=args.precision,
+        tf32=args.tf32,
     )
 
 
