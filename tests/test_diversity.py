@@ -12,7 +12,6 @@ from diversedit.losses.diversity import (
     DiversityConfig,
     _autograd_stats,
     _fused_stats,
-    _ieee_fp32,
     _Need,
     _plan,
     _terms,
@@ -22,6 +21,7 @@ from diversedit.losses.diversity import (
     diversity_loss,
     select_pairs,
 )
+from diversedit.numerics import allow_tf32
 
 EPS = 1e-8
 
@@ -662,7 +662,7 @@ def test_eager_gram_matmuls_ignore_tf32(monkeypatch: pytest.MonkeyPatch) -> None
         diversity_loss(feats, DiversityConfig())["loss"].backward()
         assert seen == [False, False]  # the Gram matmul, forward and backward
         assert torch.backends.cuda.matmul.allow_tf32 is True
-        with pytest.raises(RuntimeError), _ieee_fp32():
+        with pytest.raises(RuntimeError), allow_tf32(False):
             raise RuntimeError
         assert torch.backends.cuda.matmul.allow_tf32 is True
     finally:

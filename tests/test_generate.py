@@ -318,10 +318,8 @@ def test_tf32_switches_hold_while_sampling_and_are_restored(loaded, reference, t
         with Tf32Log(model) as log:
             path = _gen(model, tmp_path, cfg=_cfg(tf32=tf32))
         assert log.seen == {(tf32, tf32)}
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (
-            not tf32,
-            not tf32,
-        )
+        flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        assert flags == (not tf32, not tf32)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     assert path.read_bytes() == reference.read_bytes()  # no TF32 on a CPU: the same samples

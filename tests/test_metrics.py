@@ -524,6 +524,27 @@ class ColourExtractor(FeatureExtractor):
         return {"pool": pool, "spatial": x[:, :, ::4, ::4].flatten(1), "logits": 5 * pool}
 
 
+def test_features_are_ieee_float32_whatever_the_process_set():
+    """Extractors run with TF32 off (torch-fidelity's agreement with the TF graph is a float32
+    one); the trainer may have turned it on in the same process, and it is given back."""
+    seen = []
+
+    class Spy(ColourExtractor):
+        def _forward(self, x):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return super()._forward(x)
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        Spy().features(noise_images(1, 5, size=8), batch_size=2)
+        assert seen == [(False, False)] * 3
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert Spy().describe()["tf32"] is False
+
+
 def test_evaluate_caches_reference_statistics(tmp_path):
     ref = save_adm_npz(tmp_path / "ref.npz", smooth_images(12, 40, size=8))
     samples = save_adm_npz(tmp_path / "samples.npz", noise_images(13, 30, size=8))

@@ -27,13 +27,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import COMPILE_MODES, COMPILE_SCOPES, UPDATES
 from .files import atomic_write_bytes, git_revision, usable_cpus
-from .generate import SamplingConfig, allow_tf32, model_autocast
+from .generate import SamplingConfig, model_autocast
 from .host_memory import keep_freed_memory
 from .losses.diversity import DiversityConfig, diversity_loss
 from .losses.objective import ObjectiveConfig, compute_loss
 from .losses.repa import RepaConfig
 from .models import MODEL_NAMES, create_model, model_config
 from .models.sit import SiTConfig
+from .numerics import allow_tf32
 from .sampling import euler_maruyama_sampler
 from .triton_support import triton_runs_on
 from .update import FusedUpdate
@@ -437,9 +438,8 @@ def bench_inception(
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, generator=gen)
 
-    @torch.no_grad()
     def run() -> None:
-        ext._forward(images.to(ext.device, non_blocking=True))
+        ext.batch_features(images)
 
     median = statistics.median(_time(run, device, WARMUP["inception"], batches))
     return {

@@ -23,7 +23,6 @@ import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,13 @@ from .checkpoint import list_checkpoints, load_latest
 from .config import ConfigError, differences
 from .files import atomic_write
 from .models.sit import SiT, SiTConfig, config_from_state_dict
+from .numerics import allow_tf32
 from .sampling import SAMPLERS, sample
 
 __all__ = [
     "ATTENTION_KERNELS",
     "QUANTISATION",
     "SamplingConfig",
-    "allow_tf32",
     "attention_kernel",
     "build_parser",
     "chunk_seed",
@@ -124,19 +123,6 @@ class SamplingConfig:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-@contextmanager
-def allow_tf32(enabled: bool) -> Iterator[None]:
-    """TF32 tensor cores for float32 matmuls and convolutions on CUDA while inside (REPA's
-    ``generate.py`` turns them on for the model and the VAE unless ``--no-tf32``); the backend
-    flags are restored on exit. No effect on other devices."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def model_autocast(precision: str, device_type: str) -> torch.autocast:

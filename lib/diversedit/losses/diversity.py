@@ -21,8 +21,8 @@ only for the chosen pairs, elementwise). Both are exact float32, like the releas
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache, partial, reduce
 from typing import NamedTuple
@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from ..numerics import allow_tf32
 
 TERMS = ("orth", "mi", "disp")
 ORTH_FORMS = ("signed", "abs", "squared")
@@ -242,17 +244,6 @@ class _Need(NamedTuple):
     cols: bool
 
 
-@contextmanager
-def _ieee_fp32() -> Iterator[None]:
-    """Full float32 matmuls whatever the TF32 switch (the release's products are exact fp32)."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _finite_blocks(x: Tensor, dims: tuple[int, int]) -> Tensor:
     """Per-block "all values finite" in eager mode: x·0 is 0, or NaN for ±inf/NaN, and a sum of
     zeros cannot overflow; two passes where ``isfinite(x).all()`` takes four. Not for compiled
@@ -295,7 +286,7 @@ class _FusedStats(torch.autograd.Function):
             fh = x * inv.abs()
             if need.cos:
                 flat = fh.flatten(1)
-                with _ieee_fp32():
+                with allow_tf32(False):
                     cos = (flat @ flat.T) / rows
             if need.fmean:
                 fmean = fh.mean(dim=1)
@@ -324,7 +315,7 @@ class _FusedStats(torch.autograd.Function):
             scale = inv.abs()
             fh = x * scale
             if need.cos:
-                with _ieee_fp32():
+                with allow_tf32(False):
                     grad = (((g_cos + g_cos.T) / rows) @ fh.flatten(1)).view_as(fh)
                 if need.fmean:
                     grad.add_(g_fmean[:, None] / rows)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..numerics import allow_tf32
+
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
     "weights-inception-2015-12-05-6726825d.pth"
@@ -88,20 +90,27 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def features(self, images: ImageInput, batch_size: int = 64) -> dict[str, np.ndarray]:
-        """uint8 N×H×W×3 images (array, tensor or iterable of such batches) → float32 features."""
+        """uint8 N×H×W×3 images (array, tensor or iterable of such batches) → float32 features,
+        computed in IEEE float32 on CUDA too (TF32 off, whatever the process had set)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         parts: dict[str, list[np.ndarray]] = {}
         for x in _batches(images, batch_size):
-            for key, value in self._forward(x.to(self.device)).items():
+            for key, value in self.batch_features(x).items():
                 parts.setdefault(key, []).append(value.float().cpu().numpy())
         if not parts:
             raise ValueError("no images given")
         return {k: np.concatenate(v) for k, v in parts.items()}
 
+    @torch.no_grad()
+    def batch_features(self, x: Tensor) -> dict[str, Tensor]:
+        """Features of one NCHW uint8 batch, on the extractor's device, TF32 off."""
+        with allow_tf32(False):
+            return self._forward(x.to(self.device, non_blocking=True))
+
     def describe(self) -> dict:
         """What the features were computed with (for the results record)."""
-        return {"name": self.name, "metric_suffix": self.metric_suffix}
+        return {"name": self.name, "metric_suffix": self.metric_suffix, "tf32": False}
 
 
 # ----------------------------------------------------------------------------- Inception
