@@ -8,6 +8,7 @@
 
 import json
 import math
+import os
 import textwrap
 from pathlib import Path
 
@@ -311,10 +312,19 @@ while wait_for and not (flags / wait_for).exists():
 killed = pathlib.Path(results_dir, "killed")
 if mode == "kill":  # kill the runner's worker process that runs this row (never anything else)
     if "spawn_main" in pathlib.Path(f"/proc/{os.getppid()}/cmdline").read_text():
-        killed.touch()
+        pathlib.Path(f"{killed}.tmp").write_text(str(os.getppid()))
+        os.replace(f"{killed}.tmp", killed)  # whole: a reader never sees an empty pid
         os.kill(os.getppid(), signal.SIGKILL)
     os._exit(1)
-while mode == "beside" and not killed.exists() and time.time() < started + 60:
+
+
+def dead(pid: str) -> bool:  # gone, or a zombie waiting for the runner to notice
+    stat = pathlib.Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+while mode == "beside" and not (killed.exists() and dead(killed.read_text())):
+    assert time.time() < started + 60, "the worker beside this row was not killed"
     time.sleep(0.05)
 if mode == "beside":
     time.sleep(5.0)  # still running when the runner notices the dead worker
@@ -507,6 +517,48 @@ def test_scheduler_waits_limits_and_survives_a_failed_start():
         for j in waits - {3}:
             assert log.index(("end", j)) < log.index(("start", i))
     assert [i for kind, i in log if kind == "start"][:2] == [0, 1]
+
+
+def test_scheduler_queues_an_item_again_once_asked():
+    """``again`` sends a finished item back to wait its turn: it starts twice, is yielded once,
+    and the items that wait for it wait for its second run."""
+    from concurrent.futures import Future
+
+    from diversedit.runner import _scheduled
+
+    starts = []
+
+    def start(i: int) -> Future:
+        starts.append(i)
+        future: Future = Future()
+        future.set_result(starts.count(i))  # which run of item i this is
+        return future
+
+    def again(i: int, future: Future) -> bool:
+        return i == 1 and future.result() == 1
+
+    got = list(_scheduled([set(), set(), {1}], 1, start, again))
+    assert starts == [0, 1, 1, 2]
+    assert [(i, f.result()) for i, f in got] == [(0, 1), (1, 2), (2, 1)]
+
+
+def test_workers_tell_calls_a_broken_pool_never_started():
+    """One worker: the first call kills it after being taken up, the second was still queued.
+    Both fail with BrokenProcessPool, only the second never started; the next call runs in a
+    fresh pool."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from diversedit.runner import _Workers
+
+    with _Workers(1) as pool:
+        dies, queued = pool.submit(os._exit, 3), pool.submit(abs, -2)
+        for future in (dies, queued):
+            assert isinstance(future.exception(timeout=60), BrokenProcessPool)
+        assert not pool.never_started(dies) and pool.never_started(queued)
+        after = pool.submit(abs, -5)
+        assert after.result(timeout=60) == 5 and not pool.never_started(after)
+        flags = pool.flags
+    assert not flags.exists()  # removed with the pool
 
 
 def test_worker_gpus(monkeypatch):

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import bisect
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -284,19 +286,36 @@ def _take_gpu(gpus: Any) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus.get()
 
 
-def _executor(jobs: int, gpus: Sequence[str] = ()) -> Executor:
+def _announced(flag: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """In a worker: leave the file ``flag`` (the call was taken up), then call ``fn``."""
+    Path(flag).touch()
+    return fn(*args, **kwargs)
+
+
+class _RowExecutor(Executor):
+    """An executor that can tell a call its pool never started from one that ran."""
+
+    def never_started(self, future: Future) -> bool:
+        """Whether ``future`` failed because its worker pool broke before a worker took it up."""
+        return False
+
+
+def _executor(jobs: int, gpus: Sequence[str] = ()) -> _RowExecutor:
     """The runner's own process for one row at a time, else :class:`_Workers`."""
     return _InlineExecutor() if jobs == 1 else _Workers(jobs, gpus)
 
 
-class _Workers(Executor):
+class _Workers(_RowExecutor):
     """Spawned worker processes for parallel rows (each sets its kernel's environment variables
     in its own ``os.environ``), each given one of ``gpus`` if any. When a worker dies (e.g. the
     out-of-memory killer), the rows it and its siblings were running fail, and later rows start
-    in a fresh pool instead of failing too."""
+    in a fresh pool instead of failing too. Each call leaves a flag file when a worker takes it
+    up, so a call the broken pool never started can be told apart (:meth:`never_started`)."""
 
     def __init__(self, jobs: int, gpus: Sequence[str] = ()) -> None:
         self.jobs, self.gpus = jobs, list(gpus)
+        self.flags = Path(tempfile.mkdtemp(prefix="diversedit-workers-"))
+        self.flag_of: dict[Future, Path] = {}
         self.pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -307,18 +326,28 @@ class _Workers(Executor):
         return ProcessPoolExecutor(self.jobs, context, initializer=_take_gpu, initargs=(queue,))
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        flag = self.flags / str(len(self.flag_of))
+        call = partial(_announced, str(flag), fn)
         try:
-            return self.pool.submit(fn, *args, **kwargs)
+            future = self.pool.submit(call, *args, **kwargs)
         except BrokenProcessPool:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = self._new_pool()
-            return self.pool.submit(fn, *args, **kwargs)
+            future = self.pool.submit(call, *args, **kwargs)
+        self.flag_of[future] = flag
+        return future
+
+    def never_started(self, future: Future) -> bool:
+        flag = self.flag_of.get(future)
+        broken = isinstance(future.exception(), BrokenProcessPool)
+        return broken and flag is not None and not flag.exists()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self.pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        shutil.rmtree(self.flags, ignore_errors=True)
 
 
-class _InlineExecutor(Executor):
+class _InlineExecutor(_RowExecutor):
     """Runs each submitted call at once in the caller's process."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
@@ -331,11 +360,15 @@ class _InlineExecutor(Executor):
 
 
 def _scheduled(
-    after: Sequence[set[int]], jobs: int, start: Callable[[int], Future]
+    after: Sequence[set[int]],
+    jobs: int,
+    start: Callable[[int], Future],
+    again: Callable[[int, Future], bool] = lambda i, future: False,
 ) -> Iterator[tuple[int, Future]]:
     """Start item i (``start(i)``) once every item in ``after[i]`` has finished, at most ``jobs``
-    at a time and otherwise in order; yield (i, its finished future) as items finish. ``after``
-    may only name earlier items, so the first waiting item can always start eventually."""
+    at a time and otherwise in order; yield (i, its finished future) as items finish, except
+    that an item for which ``again(i, future)`` is true goes back to wait its turn instead.
+    ``after`` may only name earlier items, so the first waiting item can always start."""
     waiting, running, finished = list(range(len(after))), {}, set()
     while waiting or running:
         for i in [i for i in waiting if after[i] <= finished][: jobs - len(running)]:
@@ -349,6 +382,9 @@ def _scheduled(
         done, _ = wait(running, return_when=FIRST_COMPLETED)
         for future in sorted(done, key=running.get):
             i = running.pop(future)
+            if again(i, future):
+                bisect.insort(waiting, i)
+                continue
             finished.add(i)
             yield i, future
 
@@ -449,8 +485,18 @@ def reproduce(
     gpus = worker_gpus(jobs) if jobs > 1 else []
     if gpus:
         print(f"{jobs} rows at a time, on GPUs {','.join(gpus)} (one per worker)", flush=True)
+    retried: set[int] = set()
+
+    def again(i: int, future: Future) -> bool:  # once, for a row its broken pool never started
+        if i in retried or not pool.never_started(future):
+            return False
+        retried.add(i)
+        print(f"{order[i].table}/{tier}/{order[i].row}: not started before a worker died; "
+              "queued again", flush=True)  # fmt: skip
+        return True
+
     with _executor(jobs, gpus) as pool:
-        for i, future in _scheduled(after, jobs, lambda i: pool.submit(run, order[i])):
+        for i, future in _scheduled(after, jobs, lambda i: pool.submit(run, order[i]), again):
             row = order[i]
             outcome = outcomes[row] = _outcome(row, future, results)
             note = f" — {outcome.error}" if outcome.error else ""
