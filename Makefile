@@ -46,10 +46,10 @@ bench: setup
 # part has its own time limit, so a hang costs one part, not the rest; the newest run first.
 # Earlier records hold the eager steps, the parameter update and Inception; `make gpu-check`
 # times what is open: the fused parameter update as Triton kernels against the library one at
-# XL/2, the loss implementations (the Triton kernels alone and inside the compiled loss), the
-# sampler (fp32 with TF32 as `diversedit sample` runs it, IEEE fp32, bf16),
+# XL/2, the loss implementations (the Triton kernels alone and inside the compiled loss),
 # compiled steps of SiT and of the diversity loss with the Inductor statistics, then with the
-# Triton statistics and update, and the update compiled by Inductor (at B/2: its compilation
+# Triton statistics and update, the sampler (fp32 with TF32 as `diversedit sample` runs it,
+# IEEE fp32, bf16), and the update compiled by Inductor (at B/2: its compilation
 # takes about a second per parameter tensor, 131 there, 291 at XL/2). The parts' limits add up
 # to more than 10 minutes, so the last parts (CUDA tests an earlier session ran) may be cut.
 GPU_PY  ?= $(BIN)/python
@@ -63,11 +63,11 @@ gpu-check:
 	-timeout 60 $(BENCH) --sizes XL/2 --parts optimizer --update triton \
 		--out $(GPU_OUT)/xl_update_triton.json
 	-timeout 60 $(BENCH) --sizes XL/2 --parts loss --profile --out $(GPU_OUT)/xl_loss.json
-	-timeout 90 $(BENCH) --sizes XL/2 --parts sampler --out $(GPU_OUT)/xl_sampler.json
 	-timeout 200 $(BENCH) --sizes XL/2 --variants sit,diversity \
 		--compile --parts train --profile --out $(GPU_OUT)/xl_compiled.json
 	-timeout 100 $(BENCH) --sizes XL/2 --variants diversity --diversity-triton --update triton \
 		--compile --parts train --profile --out $(GPU_OUT)/xl_compiled_triton.json
+	-timeout 90 $(BENCH) --sizes XL/2 --parts sampler --out $(GPU_OUT)/xl_sampler.json
 	-timeout 150 $(BENCH) --sizes B/2 --parts optimizer --update compiled \
 		--out $(GPU_OUT)/b2_update.json
 	-timeout 120 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "(cuda or gpu) and not (triton or update)" \
