@@ -410,14 +410,15 @@ def _result_status(metrics: Path) -> str:
     return "diverged" if status == "diverged" else "done"
 
 
-def _summary(outcomes: Sequence[Outcome]) -> str:
+def _summary(outcomes: Sequence[Outcome], elapsed: float) -> str:
     width = max([len("table/row"), *(len(f"{o.table}/{o.row}") for o in outcomes)])
     lines = [f"{'table/row':<{width}}  {'status':<8}  {'seconds':>7}  error"]
     for o in outcomes:
         err = (o.error or "")[:120]
         lines.append(f"{o.table + '/' + o.row:<{width}}  {o.status:<8}  {o.seconds:>7.1f}  {err}")
     done = sum(o.status != "failed" for o in outcomes)
-    lines.append(f"{done}/{len(outcomes)} rows done ({sum(o.seconds for o in outcomes):.0f} s)")
+    rows = sum(o.seconds for o in outcomes)
+    lines.append(f"{done}/{len(outcomes)} rows done in {elapsed:.0f} s ({rows:.0f} s of rows)")
     return "\n".join(lines)
 
 
@@ -473,6 +474,7 @@ def reproduce(
     if problems:
         raise ValueError("nothing was run; fix these first:\n" + "\n".join(problems))
     kernel = kernel or default_kernel()
+    began = time.perf_counter()
     todo = set(pending)
     outcomes = {  # run_one only says "skipped" for these
         row: run_one(row, results, kernel, root=root) for row in selected if row not in todo
@@ -506,7 +508,7 @@ def reproduce(
                 flush=True,
             )
     outcomes = [outcomes[row] for row in selected]
-    print(_summary(outcomes))
+    print(_summary(outcomes, time.perf_counter() - began))
     print(f"summary: {_write_runs(results, tier, outcomes)}")
     return 0 if all(o.status != "failed" for o in outcomes) else 1
 
