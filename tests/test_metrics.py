@@ -545,6 +545,20 @@ def test_features_are_ieee_float32_whatever_the_process_set():
     assert Spy().describe()["tf32"] is False
 
 
+def test_reference_cache_key_covers_the_feature_arithmetic(tmp_path):
+    """Reference statistics cached from TF32 features (before extraction switched it off) are
+    not reused for IEEE float32 ones."""
+    from diversedit.metrics.evaluate import _cache_key
+
+    class Tf32Extractor(ColourExtractor):
+        def describe(self):
+            return super().describe() | {"tf32": True}
+
+    ref = save_adm_npz(tmp_path / "ref.npz", smooth_images(1, 4, size=8))
+    assert _cache_key(ref, ColourExtractor()) == _cache_key(ref, ColourExtractor())
+    assert _cache_key(ref, ColourExtractor()) != _cache_key(ref, Tf32Extractor())
+
+
 def test_evaluate_caches_reference_statistics(tmp_path):
     ref = save_adm_npz(tmp_path / "ref.npz", smooth_images(12, 40, size=8))
     samples = save_adm_npz(tmp_path / "samples.npz", noise_images(13, 30, size=8))

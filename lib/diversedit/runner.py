@@ -314,9 +314,9 @@ class _Workers(_RowExecutor):
 
     def __init__(self, jobs: int, gpus: Sequence[str] = ()) -> None:
         self.jobs, self.gpus = jobs, list(gpus)
-        self.flags = Path(tempfile.mkdtemp(prefix="diversedit-workers-"))
-        self.flag_of: dict[Future, Path] = {}
         self.pool = self._new_pool()
+        self.flags = Path(tempfile.mkdtemp(prefix="diversedit-workers-"))
+        self.sent: dict[Future, tuple[Path, ProcessPoolExecutor]] = {}  # flag and pool per call
 
     def _new_pool(self) -> ProcessPoolExecutor:
         context = multiprocessing.get_context("spawn")
@@ -326,7 +326,7 @@ class _Workers(_RowExecutor):
         return ProcessPoolExecutor(self.jobs, context, initializer=_take_gpu, initargs=(queue,))
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
-        flag = self.flags / str(len(self.flag_of))
+        flag = self.flags / str(len(self.sent))
         call = partial(_announced, str(flag), fn)
         try:
             future = self.pool.submit(call, *args, **kwargs)
@@ -334,17 +334,21 @@ class _Workers(_RowExecutor):
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = self._new_pool()
             future = self.pool.submit(call, *args, **kwargs)
-        self.flag_of[future] = flag
+        self.sent[future] = flag, self.pool
         return future
 
     def never_started(self, future: Future) -> bool:
-        flag = self.flag_of.get(future)
-        broken = isinstance(future.exception(), BrokenProcessPool)
-        return broken and flag is not None and not flag.exists()
+        if future not in self.sent or not isinstance(future.exception(), BrokenProcessPool):
+            return False
+        flag, pool = self.sent[future]
+        pool.shutdown(wait=True)  # its workers are gone: none can still take the call up
+        return not flag.exists()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self.pool.shutdown(wait=wait, cancel_futures=cancel_futures)
-        shutil.rmtree(self.flags, ignore_errors=True)
+        try:
+            self.pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+        finally:
+            shutil.rmtree(self.flags, ignore_errors=True)
 
 
 class _InlineExecutor(_RowExecutor):

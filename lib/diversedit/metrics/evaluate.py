@@ -182,6 +182,7 @@ def _cache_key(ref: Path, extractor: FeatureExtractor) -> str:
     desc = extractor.describe()
     ident = [str(ref.resolve()), st.st_size, st.st_mtime_ns, extractor.name]
     ident += [extractor.metric_suffix, extractor.adm_compatible, desc.get("weights_sha256")]
+    ident += [desc.get("tf32")]  # features made with TF32 (before it was switched off) differ
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 
