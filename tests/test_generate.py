@@ -23,6 +23,7 @@ from diversedit.generate import (
     sample_run,
 )
 from diversedit.models import SiT
+from diversedit.numerics import allow_tf32
 from diversedit.sampling import sample
 
 PARAMS = Path(__file__).resolve().parents[1] / "params" / "train" / "digits_sit.yaml"
@@ -290,38 +291,24 @@ def test_sampling_model_is_in_eval_mode(loaded, reference, tmp_path):
     assert path.read_bytes() == reference.read_bytes()
 
 
-class Tf32Log:
-    """Forward pre-hook recording the CUDA TF32 switches (matmul, cuDNN) at every model call."""
-
-    def __init__(self, model):
-        self.seen = set()
-        self.handle = model.register_forward_pre_hook(self)
-
-    def __call__(self, module, args):
-        self.seen.add((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 @pytest.mark.parametrize("tf32", [True, False])
 def test_tf32_switches_hold_while_sampling_and_are_restored(loaded, reference, tmp_path, tf32):
     """REPA's generate.py turns TF32 matmuls on unless --no-tf32; ``tf32`` sets both CUDA
     switches for the model calls (and the decoder) and gives back what was set before."""
     model, _ = loaded
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    seen = set()
+
+    def switches() -> tuple[bool, bool]:
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    handle = model.register_forward_pre_hook(lambda module, args: seen.add(switches()))
     try:
-        with Tf32Log(model) as log:
+        with allow_tf32(not tf32):
             path = _gen(model, tmp_path, cfg=_cfg(tf32=tf32))
-        assert log.seen == {(tf32, tf32)}
-        flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        assert flags == (not tf32, not tf32)
+            assert switches() == (not tf32, not tf32)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        handle.remove()
+    assert seen == {(tf32, tf32)}
     assert path.read_bytes() == reference.read_bytes()  # no TF32 on a CPU: the same samples
     assert json.loads((tmp_path / "sampling.json").read_text())["sampling"]["tf32"] is tf32
 

@@ -38,6 +38,7 @@ from diversedit.metrics.extractors import (
     INCEPTION_WEIGHTS_URL,
     build_random_inception_weights,
 )
+from diversedit.numerics import allow_tf32
 
 RANDOM_TAG = "random-inception(seed=0)"
 
@@ -534,14 +535,10 @@ def test_features_are_ieee_float32_whatever_the_process_set():
             seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
             return super()._forward(x)
 
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
+    with allow_tf32(True):
         Spy().features(noise_images(1, 5, size=8), batch_size=2)
         assert seen == [(False, False)] * 3
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     assert Spy().describe()["tf32"] is False
 
 

@@ -563,6 +563,46 @@ def test_workers_tell_calls_a_broken_pool_never_started():
     assert not flags.exists()  # removed with the pool
 
 
+def test_reproduce_queues_a_row_its_broken_pool_never_started_once(
+    fake_root, tmp_path, capsys, monkeypatch
+):
+    """A row whose call failed with BrokenProcessPool before any worker took it up runs again
+    (once) and counts as done; a row that fails that way twice stays failed."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from diversedit import runner
+
+    class Flaky(runner._InlineExecutor):
+        """Fails a row's first ``breaks[row]`` calls as a pool that broke before starting them."""
+
+        def __init__(self, breaks: dict[str, int]) -> None:
+            self.breaks, self.unstarted = breaks, set()
+
+        def submit(self, fn, /, row, *args, **kwargs):
+            if self.breaks.get(row.row, 0) > 0:
+                self.breaks[row.row] -= 1
+                future: Future = Future()
+                future.set_exception(BrokenProcessPool("pool broke"))
+                self.unstarted.add(future)
+                return future
+            return super().submit(fn, row, *args, **kwargs)
+
+        def never_started(self, future):
+            return future in self.unstarted
+
+    executor = Flaky({"r-once": 1, "r-twice": 2})
+    monkeypatch.setattr(runner, "_executor", lambda jobs, gpus: executor)
+    _fake_rows(fake_root, {"r-once": "ok", "r-twice": "ok"})
+    args = dict(results_dir=tmp_path, root=fake_root, kernel="python3", jobs=2)
+    assert reproduce(["t98"], "smoke", rows=["r-once", "r-twice"], **args) == 1
+    runs = _statuses(tmp_path)
+    assert runs["r-once"]["status"] == "done"
+    assert runs["r-twice"]["status"] == "failed" and "pool broke" in runs["r-twice"]["error"]
+    out = capsys.readouterr().out
+    assert out.count("not started before a worker died; queued again") == 2
+
+
 def test_worker_gpus(monkeypatch):
     from diversedit.runner import worker_gpus
 

@@ -728,7 +728,7 @@ def run(
         ):
             r = bench_sampler(size, device=device, cfg_scale=scale, precision=precision, tf32=tf32)
             report["sampler"].append(r)
-            numerics = precision + ((" TF32" if r["tf32"] else " IEEE") * (precision == "fp32"))
+            numerics = precision if precision != "fp32" else "fp32 TF32" if tf32 else "fp32 IEEE"
             print(
                 f"{size:>5} sampler SDE {numerics} cfg {scale:.1f} "
                 f"{r['images_per_s_250_steps']:9.3f} img/s at 250 steps "

@@ -492,16 +492,16 @@ def reproduce(
     if gpus:
         print(f"{jobs} rows at a time, on GPUs {','.join(gpus)} (one per worker)", flush=True)
     retried: set[int] = set()
-
-    def again(i: int, future: Future) -> bool:  # once, for a row its broken pool never started
-        if i in retried or not pool.never_started(future):
-            return False
-        retried.add(i)
-        print(f"{order[i].table}/{tier}/{order[i].row}: not started before a worker died; "
-              "queued again", flush=True)  # fmt: skip
-        return True
-
     with _executor(jobs, gpus) as pool:
+
+        def again(i: int, future: Future) -> bool:  # once, for a row its broken pool never ran
+            if i in retried or not pool.never_started(future):
+                return False
+            retried.add(i)
+            print(f"{order[i].table}/{tier}/{order[i].row}: not started before a worker died; "
+                  "queued again", flush=True)  # fmt: skip
+            return True
+
         for i, future in _scheduled(after, jobs, lambda i: pool.submit(run, order[i]), again):
             row = order[i]
             outcome = outcomes[row] = _outcome(row, future, results)
