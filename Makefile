@@ -49,7 +49,7 @@ bench: setup
 # XL/2, the loss implementations (the Triton kernels alone and inside the compiled loss),
 # compiled steps of SiT and of the diversity loss with the Inductor statistics, then with the
 # Triton statistics and update, the sampler (fp32 with TF32 as `diversedit sample` runs it,
-# IEEE fp32, bf16), and the update compiled by Inductor (at B/2: its compilation
+# IEEE fp32, bf16; then compiled, fp32 with TF32), and the update compiled by Inductor (at B/2: its compilation
 # takes about a second per parameter tensor, 131 there, 291 at XL/2). The parts' limits add up
 # to more than 10 minutes, so the last parts (CUDA tests an earlier session ran) may be cut.
 GPU_PY  ?= $(BIN)/python
@@ -68,6 +68,8 @@ gpu-check:
 	-timeout 100 $(BENCH) --sizes XL/2 --variants diversity --diversity-triton --update triton \
 		--compile --parts train --profile --out $(GPU_OUT)/xl_compiled_triton.json
 	-timeout 90 $(BENCH) --sizes XL/2 --parts sampler --out $(GPU_OUT)/xl_sampler.json
+	-timeout 150 $(BENCH) --sizes XL/2 --parts sampler --compile \
+		--out $(GPU_OUT)/xl_sampler_compiled.json
 	-timeout 150 $(BENCH) --sizes B/2 --parts optimizer --update compiled \
 		--out $(GPU_OUT)/b2_update.json
 	-timeout 120 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "(cuda or gpu) and not (triton or update)" \

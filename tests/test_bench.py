@@ -74,6 +74,43 @@ def test_records_describe_themselves(tmp_path, capsys):
     assert capsys.readouterr().out.count("sampler SDE fp32") == 2
 
 
+def test_compiled_sampler_bench_times_it_against_eager(monkeypatch, capsys):
+    """``bench --compile --parts sampler``: the network ``diversedit sample --compile`` makes
+    (one graph per batch shape) timed round-robin with the eager one; the record holds both and
+    the per-round speed-up with its interval, and the table says so."""
+    import torch
+
+    from diversedit import bench
+
+    compiled, calls = [], []
+
+    def compile_(model, **kwargs):
+        compiled.append(kwargs)
+        return ("compiled", model)
+
+    def sampler(model, z, y, **kwargs):
+        calls.append("compiled" if isinstance(model, tuple) else "eager")
+        return z
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(bench, "euler_maruyama_sampler", sampler)
+    report = bench.run(
+        ["tiny"], ["sit"], device="cpu", batch=2, dtype=None, compile_model=True, out=None,
+        parts=["sampler"], steps=1,
+    )  # fmt: skip
+    assert compiled == [{"dynamic": False}] * 2  # one network per cfg scale
+    rounds = bench.SAMPLER_PAIRED_ROUNDS
+    warmup = ["eager"] * bench.WARMUP["sampler"] + ["compiled"] * bench.WARMUP["sampler"]
+    assert calls == (warmup + ["eager", "compiled"] * rounds) * 2
+    for r, scale in zip(report["sampler"], (1.0, 1.8), strict=True):
+        assert (r["compiled"], r["cfg_scale"], r["repeats"]) == (True, scale, rounds)
+        assert r["eager_sde_step_ms"] > 0 and r["speedup_paired"] > 0
+        low, high = r["speedup_ci95"]
+        assert low <= r["speedup_paired"] <= high
+    out = capsys.readouterr().out
+    assert out.count("sampler SDE fp32 compiled") == 2 and out.count("over eager (95% ×") == 2
+
+
 @pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("bf16", True)])
 def test_sampler_bench_runs_the_network_as_sampling_does(monkeypatch, precision, tf32):
     """The timed sampler sees the autocast and TF32 switches that ``diversedit sample`` sets for

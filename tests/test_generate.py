@@ -313,6 +313,27 @@ def test_tf32_switches_hold_while_sampling_and_are_restored(loaded, reference, t
     assert json.loads((tmp_path / "sampling.json").read_text())["sampling"]["tf32"] is tf32
 
 
+def test_compiled_sampling_gives_the_eager_samples(loaded, reference, tmp_path, monkeypatch):
+    """``compile_model`` samples through ``torch.compile``: one graph per batch shape (chunks of
+    8 and 4), the eager samples up to float rounding, recorded in ``sampling.json``; and since it
+    is not a setting of the samples, an eager run may finish the folder."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, backend=counter, **kw))
+    torch._dynamo.reset()
+    path = _gen(loaded[0], tmp_path, compile_model=True)
+    assert counter.frame_count == 2
+    images, eager = _arrays(path).astype(int), _arrays(reference).astype(int)
+    assert np.abs(images - eager).max() <= 1 and (images == eager).mean() > 0.99
+    assert json.loads((tmp_path / "sampling.json").read_text())["compiled"] is True
+    (tmp_path / "chunks" / "chunk_000001.npz").unlink()
+    _gen(loaded[0], tmp_path)
+    assert counter.frame_count == 2
+    assert json.loads((tmp_path / "sampling.json").read_text())["compiled"] is False
+
+
 def test_bad_sources_and_settings_fail_clearly(loaded, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_for_sampling(tmp_path / "nope")
@@ -340,7 +361,7 @@ def test_bad_sources_and_settings_fail_clearly(loaded, tmp_path):
         )
 
 
-def test_command_line(run_dir, tmp_path, capsys):
+def test_command_line(run_dir, tmp_path, capsys, monkeypatch):
     _reset_accelerate()
     argv = [str(run_dir), "--steps", "2", "--num", "3", "--batch-size", "2", "--no-progress"]
     path = main([*argv, "--out", str(tmp_path / "cli")])
@@ -358,6 +379,13 @@ def test_command_line(run_dir, tmp_path, capsys):
     stderr = capsys.readouterr().err
     assert stderr.count("\n") == 1 and "sampling.num_steps: 2 → 3" in stderr
     assert sorted((tmp_path / "cli" / "chunks").iterdir()) == chunks
+    # --compile samples through torch.compile
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or model)
+    path = main([*argv, "--compile", "--out", str(tmp_path / "compiled")])
+    assert compiled == [{"dynamic": False}] and _arrays(path).shape == (3, 8, 8, 3)
+    assert json.loads((tmp_path / "compiled" / "sampling.json").read_text())["compiled"] is True
+    capsys.readouterr()
     # --no-tf32 is a setting of the samples, like the step count
     with pytest.raises(SystemExit) as err:
         main([*argv, "--no-tf32", "--out", str(tmp_path / "cli")])

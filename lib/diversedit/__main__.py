@@ -201,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="autocast dtype (default: bf16 on CUDA, fp32 on the CPU)",
     )
     bench.add_argument(
-        "--compile", action="store_true", help="torch.compile the model and the diversity loss"
+        "--compile",
+        action="store_true",
+        help="torch.compile the model and the diversity loss (and the sampling network)",
     )
     bench.add_argument(
         "--compile-mode",

@@ -60,6 +60,7 @@ DEFAULT_PARTS = ("train", "loss", "sampler", "inception")  # optimizer: its comp
 # takes minutes to build on a CPU
 WARMUP = {"train": 3, "loss": 3, "optimizer": 2, "sampler": 1, "inception": 1}  # untimed calls
 SAMPLER_TIMED_STEPS, SAMPLER_REPEATS, SAMPLER_BATCH = 10, 3, 64
+SAMPLER_PAIRED_ROUNDS = 8  # compiled against eager, round-robin: enough for a 95% interval
 # (precision, tf32) timed on CUDA: `diversedit sample`'s default, bf16 autocast, IEEE float32
 SAMPLER_NUMERICS = [("fp32", True), ("bf16", True), ("fp32", False)]
 GPU_ONLY = ("peak_mem_gib", "flops_per_step", "mfu")  # null on a CPU
@@ -500,10 +501,15 @@ def bench_sampler(
     precision: str = "fp32",
     tf32: bool = SamplingConfig.tf32,
     steps: int = SAMPLER_TIMED_STEPS,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     """SDE (Euler–Maruyama) throughput, timed on ``steps`` steps and scaled to 250 (the sampler's
     steps all cost the same: one network call, two with CFG). The model runs as ``diversedit
-    sample`` runs it with the same ``precision`` (autocast) and ``tf32`` (CUDA float32 math)."""
+    sample`` runs it with the same ``precision`` (autocast) and ``tf32`` (CUDA float32 math).
+
+    ``compiled``: the record is for the network ``diversedit sample --compile`` makes (compiled
+    in the untimed warm-up), timed round-robin with the eager one over ``SAMPLER_PAIRED_ROUNDS``
+    rounds; it also holds the eager time and the per-round speed-up with its 95% interval."""
     torch.manual_seed(0)
     model, _ = build(size, "sit", device)
     model.eval()
@@ -511,21 +517,42 @@ def bench_sampler(
     z = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
 
-    def run() -> None:
-        with allow_tf32(tf32), model_autocast(precision, torch.device(device).type):
-            euler_maruyama_sampler(
-                model, z, y, num_steps=steps, cfg_scale=cfg_scale, null_label=cfg.num_classes
-            )
+    def runner(network: Callable[..., Any]) -> Callable[[], None]:
+        def run() -> None:
+            with allow_tf32(tf32), model_autocast(precision, torch.device(device).type):
+                euler_maruyama_sampler(
+                    network, z, y, num_steps=steps, cfg_scale=cfg_scale, null_label=cfg.num_classes
+                )
 
-    median = statistics.median(_time(run, device, WARMUP["sampler"], SAMPLER_REPEATS))
-    per_step = median / steps
-    return {
+        return run
+
+    runs = {"eager": runner(model)}
+    if compiled:
+        runs["compiled"] = runner(torch.compile(model, dynamic=False))
+    for run in runs.values():
+        _time(run, device, WARMUP["sampler"], 0)
+    rounds = SAMPLER_PAIRED_ROUNDS if compiled else SAMPLER_REPEATS
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name] += _time(run, device, 0, 1)
+    per_step = statistics.median(times["compiled" if compiled else "eager"]) / steps
+    record = {
         "size": size, "device": device, "batch": batch, "cfg_scale": cfg_scale,
         "precision": precision, "tf32": tf32 if device.startswith("cuda") else None,
-        "timed_steps": steps, "warmup": WARMUP["sampler"], "repeats": SAMPLER_REPEATS,
+        "compiled": compiled, "timed_steps": steps, "warmup": WARMUP["sampler"],
+        "repeats": rounds,
         "sde_step_ms": 1e3 * per_step, "images_per_s_250_steps": batch / (250 * per_step),
         "extrapolated": f"batch / (250 × the median {steps}-step run's time per step)",
     }  # fmt: skip
+    if compiled:
+        ratios = [e / c for e, c in zip(times["eager"], times["compiled"], strict=True)]
+        record |= {
+            "eager_sde_step_ms": 1e3 * statistics.median(times["eager"]) / steps,
+            "speedup_paired": statistics.median(ratios),  # eager time / compiled time per round
+            "speedup_ci95": median_ci(ratios),
+        }
+    return record
 
 
 def _cpu_model() -> str:
@@ -657,7 +684,7 @@ def run(
         "statistic": "median over the timed repeats (train: over steps; interleaved: rounds)",
         "variants": {v: _describe(v) for v in variants},
         "sampler": {"batch": SAMPLER_BATCH, "timed_steps": SAMPLER_TIMED_STEPS,
-                    "repeats": SAMPLER_REPEATS},
+                    "repeats": SAMPLER_REPEATS, "paired_rounds": SAMPLER_PAIRED_ROUNDS},
         "inception_batch": 100 if device.startswith("cuda") else 8,
     }  # fmt: skip
     report: dict[str, Any] = {
@@ -722,19 +749,30 @@ def run(
                 flush=True,
             )
             save()
+        # the CPU, and compiled sampling (a compilation per setting): the default numerics only
+        all_numerics = device.startswith("cuda") and not compile_model
         for (precision, tf32), scale in product(
-            SAMPLER_NUMERICS if device.startswith("cuda") else [("fp32", True)],
+            SAMPLER_NUMERICS if all_numerics else SAMPLER_NUMERICS[:1],
             (1.0, 1.8) if "sampler" in parts else (),
         ):
-            r = bench_sampler(size, device=device, cfg_scale=scale, precision=precision, tf32=tf32)
+            r = bench_sampler(
+                size, device=device, cfg_scale=scale, precision=precision, tf32=tf32,
+                compiled=compile_model,
+            )  # fmt: skip
             report["sampler"].append(r)
-            numerics = precision if precision != "fp32" else "fp32 TF32" if tf32 else "fp32 IEEE"
+            numerics = precision
+            if precision == "fp32" and r["tf32"] is not None:  # CUDA float32: TF32 or IEEE
+                numerics += " TF32" if tf32 else " IEEE"
+            numerics += " compiled" if compile_model else ""
+            ci = r.get("speedup_ci95")
             print(
                 f"{size:>5} sampler SDE {numerics} cfg {scale:.1f} "
                 f"{r['images_per_s_250_steps']:9.3f} img/s at 250 steps "
-                f"({r['sde_step_ms']:.1f} ms per step, batch {r['batch']})",
+                f"({r['sde_step_ms']:.1f} ms per step, batch {r['batch']})"
+                + (f"; ×{r['speedup_paired']:.2f} over eager" if compile_model else "")
+                + (f" (95% ×{ci[0]:.2f}..×{ci[1]:.2f})" if ci else ""),
                 flush=True,
-            )
+            )  # fmt: skip
             save()
     if "inception" in parts:
         r = bench_inception(device=device, batch=settings["inception_batch"], batches=steps)

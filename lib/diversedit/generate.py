@@ -426,6 +426,7 @@ def generate(
     progress: bool = True,
     provenance: Mapping[str, Any] | None = None,
     barrier: Callable[[], None] | None = None,
+    compile_model: bool = False,
 ) -> Path | None:
     """Make this process's missing chunks, then (process 0) merge; returns ``samples.npz``.
 
@@ -433,8 +434,11 @@ def generate(
     from a generator seeded with :func:`chunk_seed` (drawing the initial noise, the labels, then
     the SDE noise). ``decode`` maps sampler output to uint8 N×H×W×3. ``barrier`` (e.g.
     accelerate's ``wait_for_everyone``) runs before the merge; ``provenance`` (checkpoint,
-    decoder, …) is recorded in ``sampling.json``. Other processes return None, as does process 0
-    while another process's chunks are still missing (a warning names them).
+    decoder, …) is recorded in ``sampling.json``. ``compile_model`` runs the network through
+    ``torch.compile`` (one graph per batch shape; the same mathematics, float rounding aside, so
+    like the device and the attention kernel it is recorded but not part of the samples'
+    settings). Other processes return None, as does process 0 while another process's chunks
+    are still missing (a warning names them).
     """
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} not in [0, {num_processes})")
@@ -454,7 +458,7 @@ def generate(
     model.eval()  # no label dropout
     try:
         _run_chunks(
-            model,
+            torch.compile(model, dynamic=False) if compile_model and pending else model,
             cfg,
             out_dir,
             pending,
@@ -481,6 +485,7 @@ def generate(
     info = provenance | {
         "model_config": provenance.get("model_config") or _model_config(model),
         "attention_kernel": attention_kernel(model),
+        "compiled": compile_model,
         "device": str(device),
         "num_processes": num_processes,
     }
@@ -634,8 +639,10 @@ def sample_run(
     arch: Mapping[str, Any] | None = None,
     fused_attn: bool | None = None,
     progress: bool = True,
+    compile_model: bool = False,
 ) -> Path | None:
-    """Load ``source``, pick the decoder and :func:`generate`; works under ``accelerate launch``.
+    """Load ``source``, pick the decoder and :func:`generate` (``compile_model``: see there);
+    works under ``accelerate launch``.
 
     Returns the ``samples.npz`` path on the main process and None on the others.
     """
@@ -670,6 +677,7 @@ def sample_run(
         progress=progress,
         provenance=info,
         barrier=state.wait_for_everyone,
+        compile_model=compile_model,
     )
     if state.is_main_process and result is None:
         raise RuntimeError(f"{out}: chunks are missing after every process finished")
@@ -702,6 +710,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         action=argparse.BooleanOptionalAction,
         default=d.tf32,
         help="CUDA: TF32 matmuls and convolutions for float32 math (REPA's default)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network (same samples up to float rounding; off: as the release)",
     )
     p.add_argument("--which", default="ema", choices=("ema", "model"))
     p.add_argument("--num-heads", type=int, default=None, help="for foreign non-registry widths")
@@ -755,6 +768,7 @@ def run_args(args: argparse.Namespace) -> Path | None:
             arch={"num_heads": args.num_heads} if args.num_heads else None,
             fused_attn={"checkpoint": None, "fused": True, "math": False}[args.attention],
             progress=not args.no_progress,
+            compile_model=args.compile,
         )
     except ConfigError as err:  # e.g. an output folder of other settings: before any sampling
         print(f"error: {err}", file=sys.stderr)
