@@ -76,13 +76,16 @@ def test_records_describe_themselves(tmp_path, capsys):
 
 def test_compiled_sampler_bench_times_it_against_eager(monkeypatch, capsys):
     """``bench --compile --parts sampler``: the network ``diversedit sample --compile`` makes
-    (one graph per batch shape) timed round-robin with the eager one; the record holds both and
-    the per-round speed-up with its interval, and the table says so."""
+    timed round-robin with the eager one over ``--steps`` rounds; the record holds both and
+    the per-round speed-up with its interval, and the table says so. Each size starts on an
+    empty graph cache (torch stops compiling a function after 8 graphs)."""
+    import statistics
+
     import torch
 
     from diversedit import bench
 
-    compiled, calls = [], []
+    compiled, calls, resets = [], [], []
 
     def compile_(model, **kwargs):
         compiled.append(kwargs)
@@ -93,22 +96,25 @@ def test_compiled_sampler_bench_times_it_against_eager(monkeypatch, capsys):
         return z
 
     monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     monkeypatch.setattr(bench, "euler_maruyama_sampler", sampler)
+    rounds = 6
     report = bench.run(
-        ["tiny"], ["sit"], device="cpu", batch=2, dtype=None, compile_model=True, out=None,
-        parts=["sampler"], steps=1,
+        ["tiny", "S/8"], ["sit"], device="cpu", batch=2, dtype=None, compile_model=True,
+        out=None, parts=["sampler"], steps=rounds,
     )  # fmt: skip
-    assert compiled == [{"dynamic": False}] * 2  # one network per cfg scale
-    rounds = bench.SAMPLER_PAIRED_ROUNDS
+    assert compiled == [{"dynamic": False}] * 4 and len(resets) == 2  # 2 sizes, 2 cfg scales
     warmup = ["eager"] * bench.WARMUP["sampler"] + ["compiled"] * bench.WARMUP["sampler"]
-    assert calls == (warmup + ["eager", "compiled"] * rounds) * 2
-    for r, scale in zip(report["sampler"], (1.0, 1.8), strict=True):
+    assert calls == (warmup + ["eager", "compiled"] * rounds) * 4
+    for r, scale in zip(report["sampler"], (1.0, 1.8) * 2, strict=True):
         assert (r["compiled"], r["cfg_scale"], r["repeats"]) == (True, scale, rounds)
-        assert r["eager_sde_step_ms"] > 0 and r["speedup_paired"] > 0
-        low, high = r["speedup_ci95"]
-        assert low <= r["speedup_paired"] <= high
+        times = r["round_times_ms"]
+        ratios = [e / c for e, c in zip(times["eager"], times["compiled"], strict=True)]
+        assert r["speedup_paired"] == pytest.approx(statistics.median(ratios))
+        assert r["eager_sde_step_ms"] == pytest.approx(statistics.median(times["eager"]) / 10)
+        assert r["speedup_ci95"] is not None  # six rounds are the fewest with a 95% interval
     out = capsys.readouterr().out
-    assert out.count("sampler SDE fp32 compiled") == 2 and out.count("over eager (95% ×") == 2
+    assert out.count("sampler SDE fp32 compiled") == 4 and out.count("over eager (95% ×") == 4
 
 
 @pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("bf16", True)])

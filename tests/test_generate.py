@@ -313,25 +313,63 @@ def test_tf32_switches_hold_while_sampling_and_are_restored(loaded, reference, t
     assert json.loads((tmp_path / "sampling.json").read_text())["sampling"]["tf32"] is tf32
 
 
-def test_compiled_sampling_gives_the_eager_samples(loaded, reference, tmp_path, monkeypatch):
-    """``compile_model`` samples through ``torch.compile``: one graph per batch shape (chunks of
-    8 and 4), the eager samples up to float rounding, recorded in ``sampling.json``; and since it
-    is not a setting of the samples, an eager run may finish the folder."""
+@pytest.fixture
+def graph_counter(monkeypatch):
+    """``torch.compile`` with a frame counter (``counter.backend``, default inductor), on a
+    fresh graph cache that is emptied again afterwards."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    counter = CompileCounterWithBackend("inductor")
     compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, backend=counter, **kw))
+    counters = []
+
+    def counted(model, **kwargs):
+        return compile_(model, backend=counters[-1], **kwargs)
+
+    def counter(backend="inductor"):
+        counters.append(CompileCounterWithBackend(backend))
+        return counters[-1]
+
+    monkeypatch.setattr(torch, "compile", counted)
     torch._dynamo.reset()
+    yield counter
+    torch._dynamo.reset()
+
+
+def _compiled_flags(out: Path) -> list[bool]:
+    return [bool(np.load(p)["compiled"]) for p in sorted((out / "chunks").glob("chunk_*.npz"))]
+
+
+def test_compiled_sampling_gives_the_eager_samples(loaded, reference, tmp_path, graph_counter):
+    """``compile_model`` samples through ``torch.compile``: one graph per batch shape (chunks of
+    8 and 4), the eager samples up to float rounding. Each chunk records it; an eager run may
+    finish the folder (it is not a setting of the samples), and ``sampling.json`` then says
+    "mixed"."""
+    counter = graph_counter()
     path = _gen(loaded[0], tmp_path, compile_model=True)
     assert counter.frame_count == 2
     images, eager = _arrays(path).astype(int), _arrays(reference).astype(int)
     assert np.abs(images - eager).max() <= 1 and (images == eager).mean() > 0.99
     assert json.loads((tmp_path / "sampling.json").read_text())["compiled"] is True
+    assert _compiled_flags(tmp_path) == [True] * 3
     (tmp_path / "chunks" / "chunk_000001.npz").unlink()
     _gen(loaded[0], tmp_path)
-    assert counter.frame_count == 2
-    assert json.loads((tmp_path / "sampling.json").read_text())["compiled"] is False
+    assert counter.frame_count == 2 and _compiled_flags(tmp_path) == [True, False, True]
+    assert json.loads((tmp_path / "sampling.json").read_text())["compiled"] == "mixed"
+    _gen(loaded[0], tmp_path, compile_model=True)  # nothing left to sample: the chunks decide
+    assert json.loads((tmp_path / "sampling.json").read_text())["compiled"] == "mixed"
+
+
+def test_compiled_guided_sampling_has_a_graph_per_batch_shape(loaded, tmp_path, graph_counter):
+    """With CFG inside an interval the network sees the chunk (8, then 4) outside it and twice
+    the chunk inside: shapes 8, 16, 4 and 8 again, three graphs (torch's default limit is 8);
+    compiled without Inductor the samples are the eager ones exactly."""
+    counter = graph_counter("eager")
+    cfg = _cfg(cfg_scale=1.8, guidance_high=0.7)  # SDE times 1, .68, .36, .04: guided from .68
+    compiled = _gen(loaded[0], tmp_path / "compiled", cfg=cfg, compile_model=True)
+    assert counter.frame_count == 3
+    eager = _gen(loaded[0], tmp_path / "eager", cfg=cfg)
+    assert np.array_equal(_arrays(compiled), _arrays(eager))
+    assert json.loads((tmp_path / "eager" / "sampling.json").read_text())["compiled"] is False
 
 
 def test_bad_sources_and_settings_fail_clearly(loaded, tmp_path):

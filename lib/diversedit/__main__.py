@@ -228,7 +228,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "two passes by torch.compile (compiled) or Triton kernels (triton, CUDA); the optimizer "
         "part times a fused one against the library update",
     )
-    bench.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    bench.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="timed steps per measurement (compiled sampler: rounds against the eager one)",
+    )
     bench.add_argument(
         "--profile",
         action="store_true",

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import COMPILE_MODES, COMPILE_SCOPES, UPDATES
 from .files import atomic_write_bytes, git_revision, usable_cpus
-from .generate import SamplingConfig, model_autocast
+from .generate import SamplingConfig, model_autocast, sampling_network
 from .host_memory import keep_freed_memory
 from .losses.diversity import DiversityConfig, diversity_loss
 from .losses.objective import ObjectiveConfig, compute_loss
@@ -60,7 +60,6 @@ DEFAULT_PARTS = ("train", "loss", "sampler", "inception")  # optimizer: its comp
 # takes minutes to build on a CPU
 WARMUP = {"train": 3, "loss": 3, "optimizer": 2, "sampler": 1, "inception": 1}  # untimed calls
 SAMPLER_TIMED_STEPS, SAMPLER_REPEATS, SAMPLER_BATCH = 10, 3, 64
-SAMPLER_PAIRED_ROUNDS = 8  # compiled against eager, round-robin: enough for a 95% interval
 # (precision, tf32) timed on CUDA: `diversedit sample`'s default, bf16 autocast, IEEE float32
 SAMPLER_NUMERICS = [("fp32", True), ("bf16", True), ("fp32", False)]
 GPU_ONLY = ("peak_mem_gib", "flops_per_step", "mfu")  # null on a CPU
@@ -502,14 +501,15 @@ def bench_sampler(
     tf32: bool = SamplingConfig.tf32,
     steps: int = SAMPLER_TIMED_STEPS,
     compiled: bool = False,
+    rounds: int = 10,
 ) -> dict[str, Any]:
     """SDE (Euler–Maruyama) throughput, timed on ``steps`` steps and scaled to 250 (the sampler's
     steps all cost the same: one network call, two with CFG). The model runs as ``diversedit
     sample`` runs it with the same ``precision`` (autocast) and ``tf32`` (CUDA float32 math).
 
     ``compiled``: the record is for the network ``diversedit sample --compile`` makes (compiled
-    in the untimed warm-up), timed round-robin with the eager one over ``SAMPLER_PAIRED_ROUNDS``
-    rounds; it also holds the eager time and the per-round speed-up with its 95% interval."""
+    in the untimed warm-up), timed round-robin with the eager one over ``rounds`` rounds; it
+    also holds both networks' times and the per-round speed-up with its 95% interval."""
     torch.manual_seed(0)
     model, _ = build(size, "sit", device)
     model.eval()
@@ -528,10 +528,10 @@ def bench_sampler(
 
     runs = {"eager": runner(model)}
     if compiled:
-        runs["compiled"] = runner(torch.compile(model, dynamic=False))
+        runs["compiled"] = runner(sampling_network(model, compile_model=True))
     for run in runs.values():
         _time(run, device, WARMUP["sampler"], 0)
-    rounds = SAMPLER_PAIRED_ROUNDS if compiled else SAMPLER_REPEATS
+    rounds = rounds if compiled else SAMPLER_REPEATS
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
@@ -551,6 +551,7 @@ def bench_sampler(
             "eager_sde_step_ms": 1e3 * statistics.median(times["eager"]) / steps,
             "speedup_paired": statistics.median(ratios),  # eager time / compiled time per round
             "speedup_ci95": median_ci(ratios),
+            "round_times_ms": {name: [1e3 * t for t in ts] for name, ts in times.items()},
         }
     return record
 
@@ -684,7 +685,9 @@ def run(
         "statistic": "median over the timed repeats (train: over steps; interleaved: rounds)",
         "variants": {v: _describe(v) for v in variants},
         "sampler": {"batch": SAMPLER_BATCH, "timed_steps": SAMPLER_TIMED_STEPS,
-                    "repeats": SAMPLER_REPEATS, "paired_rounds": SAMPLER_PAIRED_ROUNDS},
+                    "repeats": SAMPLER_REPEATS,
+                    "compiled": "as diversedit sample --compile (default mode, static shapes), "
+                    "against eager round-robin over `steps` rounds" if compile_model else None},
         "inception_batch": 100 if device.startswith("cuda") else 8,
     }  # fmt: skip
     report: dict[str, Any] = {
@@ -698,6 +701,8 @@ def run(
 
     kw = dict(steps=steps, profile=profile)
     for size in sizes:
+        if compile_model:  # a fresh graph cache: torch stops compiling after 8 graphs a function
+            torch._dynamo.reset()
         base = None
         if "train" not in parts:
             results = []
@@ -757,7 +762,7 @@ def run(
         ):
             r = bench_sampler(
                 size, device=device, cfg_scale=scale, precision=precision, tf32=tf32,
-                compiled=compile_model,
+                compiled=compile_model, rounds=steps,
             )  # fmt: skip
             report["sampler"].append(r)
             numerics = precision

@@ -51,6 +51,7 @@ __all__ = [
     "main",
     "model_autocast",
     "sample_run",
+    "sampling_network",
 ]
 
 QUANTISATION = "REPA: clamp(255·(x+1)/2) truncation"
@@ -129,6 +130,13 @@ def model_autocast(precision: str, device_type: str) -> torch.autocast:
     """The sampling network's autocast region for ``precision`` (disabled for fp32)."""
     dtype = PRECISIONS[precision]
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def sampling_network(model: nn.Module, compile_model: bool) -> Callable[..., Any]:
+    """What sampling calls: ``model``, or with ``compile_model`` ``torch.compile(model,
+    dynamic=False)``, compiled on first use, one graph per batch shape (the chunk, twice it
+    inside the CFG interval, the last chunk)."""
+    return torch.compile(model, dynamic=False) if compile_model else model
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -272,17 +280,22 @@ def _chunk_bounds(cfg: SamplingConfig, c: int) -> tuple[int, int]:
     return start, min(start + cfg.batch_size, cfg.num_samples)
 
 
-def _read_chunk(path: Path, size: int, shape: tuple[int, ...] | None) -> tuple[np.ndarray, ...]:
+def _read_chunk(
+    path: Path, size: int, shape: tuple[int, ...] | None
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(images, labels, whether the network was compiled); chunks made before the flag existed
+    were made eagerly."""
     try:
         with np.load(path) as data:
             images, labels = data["images"], data["labels"]
+            compiled = bool(data["compiled"]) if "compiled" in data.files else False
     except Exception as err:
         raise RuntimeError(f"cannot read {path} ({err}); delete it and rerun") from err
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != size or len(labels) != size:
         raise RuntimeError(f"{path} holds {images.dtype} {images.shape}, expected {size} images")
     if shape is not None and images.shape[1:] != shape:
         raise RuntimeError(f"{path} has images of shape {images.shape[1:]}, others {shape}")
-    return images, labels
+    return images, labels, compiled
 
 
 def _write_npz_stream(path: Path, n: int, chunks: Iterator[np.ndarray]) -> str:
@@ -386,7 +399,7 @@ def _sampler_kwargs(cfg: SamplingConfig) -> dict[str, Any]:
 
 
 def _make_chunk(
-    model: nn.Module,
+    model: Callable[..., Any],
     cfg: SamplingConfig,
     c: int,
     num_classes: int,
@@ -434,11 +447,11 @@ def generate(
     from a generator seeded with :func:`chunk_seed` (drawing the initial noise, the labels, then
     the SDE noise). ``decode`` maps sampler output to uint8 N×H×W×3. ``barrier`` (e.g.
     accelerate's ``wait_for_everyone``) runs before the merge; ``provenance`` (checkpoint,
-    decoder, …) is recorded in ``sampling.json``. ``compile_model`` runs the network through
-    ``torch.compile`` (one graph per batch shape; the same mathematics, float rounding aside, so
-    like the device and the attention kernel it is recorded but not part of the samples'
-    settings). Other processes return None, as does process 0 while another process's chunks
-    are still missing (a warning names them).
+    decoder, …) is recorded in ``sampling.json``. ``compile_model`` samples through
+    :func:`sampling_network`: the same mathematics, float rounding aside, so it is not a setting
+    of the samples (a run of either kind may finish a folder); each chunk records it and
+    ``sampling.json`` says ``compiled``: true, false or "mixed". Other processes return None, as
+    does process 0 while another process's chunks are still missing (a warning names them).
     """
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} not in [0, {num_processes})")
@@ -458,7 +471,8 @@ def generate(
     model.eval()  # no label dropout
     try:
         _run_chunks(
-            torch.compile(model, dynamic=False) if compile_model and pending else model,
+            model,
+            compile_model,
             cfg,
             out_dir,
             pending,
@@ -485,7 +499,6 @@ def generate(
     info = provenance | {
         "model_config": provenance.get("model_config") or _model_config(model),
         "attention_kernel": attention_kernel(model),
-        "compiled": compile_model,
         "device": str(device),
         "num_processes": num_processes,
     }
@@ -494,6 +507,7 @@ def generate(
 
 def _run_chunks(
     model: nn.Module,
+    compile_model: bool,
     cfg: SamplingConfig,
     out_dir: Path,
     pending: list[int],
@@ -507,12 +521,14 @@ def _run_chunks(
 
     total = sum(stop - start for start, stop in (_chunk_bounds(cfg, c) for c in pending))
     bar = tqdm(total=total, desc="sample", unit="img", disable=not progress)
+    network = sampling_network(model, compile_model)
+    flag = np.bool_(compile_model)
     with bar, allow_tf32(cfg.tf32):
         for c in pending:
-            images, labels = _make_chunk(model, cfg, c, num_classes, shape, decode, device)
+            images, labels = _make_chunk(network, cfg, c, num_classes, shape, decode, device)
             atomic_write(
                 _chunk_path(out_dir, c),
-                lambda f, i=images, y=labels: np.savez(f, images=i, labels=y),
+                lambda f, i=images, y=labels: np.savez(f, images=i, labels=y, compiled=flag),
             )
             bar.update(len(images))
 
@@ -536,14 +552,16 @@ def _merge(
     labels: list[np.ndarray] = []
     first: list[np.ndarray] = []
     image_shape: list[tuple[int, ...]] = []
+    compiled: set[bool] = set()
 
     def blocks() -> Iterator[np.ndarray]:
         for c in range(num_chunks):
             start, stop = _chunk_bounds(cfg, c)
-            images, y = _read_chunk(
+            images, y, was_compiled = _read_chunk(
                 _chunk_path(out_dir, c), stop - start, image_shape[0] if image_shape else None
             )
             image_shape[:] = [images.shape[1:]]
+            compiled.add(was_compiled)
             labels.append(y)
             if start < 64:
                 first.append(images[: 64 - start])
@@ -576,6 +594,7 @@ def _merge(
             "chunk_seeds": [chunk_seed(cfg.seed, c) for c in range(num_chunks)],
         },
         **info,
+        "compiled": compiled.pop() if len(compiled) == 1 else "mixed",  # chunks' network
         "torch": torch.__version__,
         "numpy": np.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
