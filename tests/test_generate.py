@@ -357,6 +357,12 @@ def test_compiled_sampling_gives_the_eager_samples(loaded, reference, tmp_path, 
     assert json.loads((tmp_path / "sampling.json").read_text())["compiled"] == "mixed"
     _gen(loaded[0], tmp_path, compile_model=True)  # nothing left to sample: the chunks decide
     assert json.loads((tmp_path / "sampling.json").read_text())["compiled"] == "mixed"
+    for path in (tmp_path / "chunks").glob("chunk_*.npz"):  # as chunks were written before
+        with np.load(path) as data:
+            images, labels = data["images"], data["labels"]
+        np.savez(path, images=images, labels=labels)
+    _gen(loaded[0], tmp_path)
+    assert json.loads((tmp_path / "sampling.json").read_text())["compiled"] is False
 
 
 def test_compiled_guided_sampling_has_a_graph_per_batch_shape(loaded, tmp_path, graph_counter):
