@@ -315,8 +315,9 @@ def test_tf32_switches_hold_while_sampling_and_are_restored(loaded, reference, t
 
 @pytest.fixture
 def graph_counter(monkeypatch):
-    """``torch.compile`` with a frame counter (``counter.backend``, default inductor), on a
-    fresh graph cache that is emptied again afterwards."""
+    """A factory ``counter(backend="inductor")``: from then on ``torch.compile`` compiles with
+    that backend and counts the graphs in the counter it returns; the graph cache is emptied
+    before and after the test."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     compile_ = torch.compile
@@ -336,7 +337,11 @@ def graph_counter(monkeypatch):
 
 
 def _compiled_flags(out: Path) -> list[bool]:
-    return [bool(np.load(p)["compiled"]) for p in sorted((out / "chunks").glob("chunk_*.npz"))]
+    flags = []
+    for path in sorted((out / "chunks").glob("chunk_*.npz")):
+        with np.load(path) as data:
+            flags.append(bool(data["compiled"]))
+    return flags
 
 
 def test_compiled_sampling_gives_the_eager_samples(loaded, reference, tmp_path, graph_counter):

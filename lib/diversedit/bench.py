@@ -531,9 +531,9 @@ def bench_sampler(
         runs["compiled"] = runner(sampling_network(model, compile_model=True))
     for run in runs.values():
         _time(run, device, WARMUP["sampler"], 0)
-    rounds = rounds if compiled else SAMPLER_REPEATS
+    repeats = rounds if compiled else SAMPLER_REPEATS
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
+    for _ in range(repeats):
         for name, run in runs.items():
             times[name] += _time(run, device, 0, 1)
     per_step = statistics.median(times["compiled" if compiled else "eager"]) / steps
@@ -541,7 +541,7 @@ def bench_sampler(
         "size": size, "device": device, "batch": batch, "cfg_scale": cfg_scale,
         "precision": precision, "tf32": tf32 if device.startswith("cuda") else None,
         "compiled": compiled, "timed_steps": steps, "warmup": WARMUP["sampler"],
-        "repeats": rounds,
+        "repeats": repeats,
         "sde_step_ms": 1e3 * per_step, "images_per_s_250_steps": batch / (250 * per_step),
         "extrapolated": f"batch / (250 × the median {steps}-step run's time per step)",
     }  # fmt: skip
