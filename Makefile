@@ -43,38 +43,34 @@ bench: setup
 
 # On a GPU node, with an environment that has the package's dependencies (GPU_PY): the CUDA
 # tests and the benchmark records for results/bench/. Each part has its own time limit, so a
-# hang costs one part, not the rest; the newest run first. Earlier records hold the eager
-# steps, the parameter update and Inception; `make gpu-check` times what is open: the fused
-# parameter update as Triton kernels against the library one at XL/2, the loss implementations
-# (the Triton kernels alone and inside the compiled loss), compiled steps of SiT and of the
-# diversity loss with the Inductor statistics, then with the Triton statistics and update, the
-# sampler (fp32 with TF32 as `diversedit sample` runs it, IEEE fp32, bf16), the update compiled
-# by Inductor (at B/2: its compilation takes about a second per parameter tensor, 131 there,
-# 291 at XL/2) and the compiled sampling network against the eager one. The parts' limits add
-# up to 18 minutes, more than one 10-minute device call, so the last parts (the compiled
-# sampler, then CUDA tests an earlier session ran) may be cut.
+# hang costs one part, not the rest; the newest questions first (NOTES entry 28). The GPU's
+# clocks, power and temperature are logged twice a second meanwhile (clocks.csv). First the
+# CUDA test of the trainer's defaults (the Triton statistics and update, compiled sampling);
+# then XL/2 compiled steps with those defaults, with each step's host time: the long residuals
+# cost 8% more kernel time but 24% more wall clock in session 15, a GPU left idle; the same
+# steps as CUDA graphs (`reduce-overhead`), which take the host out of the step; batch 64 for
+# MFU; the other CUDA tests last. The parts' limits add up to about 11 minutes, more than one
+# 10-minute device call, so the last tests may be cut.
 GPU_PY  ?= $(BIN)/python
 GPU_OUT ?= results/bench/gpu-check
 BENCH   := $(GPU_PY) -m diversedit bench --device cuda --batch 32 --steps 10
+DEFAULTS := --compile --diversity-triton --update triton
 gpu-check:
 	mkdir -p $(GPU_OUT)
 	nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $(GPU_OUT)/gpu.txt
-	-timeout 120 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "triton or update" \
-		tests/test_gpu.py 2>&1 | tee $(GPU_OUT)/tests_new.log
-	-timeout 60 $(BENCH) --sizes XL/2 --parts optimizer --update triton \
-		--out $(GPU_OUT)/xl_update_triton.json
-	-timeout 60 $(BENCH) --sizes XL/2 --parts loss --profile --out $(GPU_OUT)/xl_loss.json
-	-timeout 200 $(BENCH) --sizes XL/2 --variants sit,diversity \
-		--compile --parts train --profile --out $(GPU_OUT)/xl_compiled.json
-	-timeout 100 $(BENCH) --sizes XL/2 --variants diversity --diversity-triton --update triton \
-		--compile --parts train --profile --out $(GPU_OUT)/xl_compiled_triton.json
-	-timeout 90 $(BENCH) --sizes XL/2 --parts sampler --out $(GPU_OUT)/xl_sampler.json
-	-timeout 150 $(BENCH) --sizes B/2 --parts optimizer --update compiled \
-		--out $(GPU_OUT)/b2_update.json
-	-timeout 180 $(BENCH) --sizes XL/2 --parts sampler --compile \
-		--out $(GPU_OUT)/xl_sampler_compiled.json
-	-timeout 120 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "(cuda or gpu) and not (triton or update)" \
+	nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.max.sm,power.draw,temperature.gpu,utilization.gpu \
+		--format=csv -lms 500 > $(GPU_OUT)/clocks.csv 2>&1 & echo $$! > $(GPU_OUT)/clocks.pid
+	-timeout 100 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "digits" \
+		tests/test_gpu.py 2>&1 | tee $(GPU_OUT)/tests_defaults.log
+	-timeout 120 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversedit $(DEFAULTS) \
+		--parts train --profile --out $(GPU_OUT)/xl_compiled_triton.json
+	-timeout 180 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversedit $(DEFAULTS) \
+		--compile-mode reduce-overhead --parts train --out $(GPU_OUT)/xl_cudagraphs.json
+	-timeout 90 $(BENCH) --sizes XL/2 --variants sit,diversedit --batch 64 $(DEFAULTS) \
+		--parts train --out $(GPU_OUT)/xl_b64.json
+	-timeout 150 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "(cuda or gpu) and not digits" \
 		tests/test_gpu.py tests/test_diversity.py 2>&1 | tee $(GPU_OUT)/tests.log
+	-kill $$(cat $(GPU_OUT)/clocks.pid) && rm $(GPU_OUT)/clocks.pid
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -62,7 +62,7 @@ def test_records_describe_themselves(tmp_path, capsys):
     report = json.loads(out.read_text())
     settings, machine = report["settings"], report["machine"]
     assert settings["warmup"]["train"] == 3 and settings["warmup"]["sampler"] == 1
-    assert settings["gpu_only"] == ["peak_mem_gib", "flops_per_step", "mfu"]
+    assert settings["gpu_only"] == ["peak_mem_gib", "flops_per_step", "mfu", "host_ms"]
     repa = settings["variants"]["repa"]
     assert "repa" in repa["objective"] and "stand-in" in repa["note"]
     assert settings["variants"]["sit"] == {"model": {}, "objective": {}}
@@ -72,6 +72,27 @@ def test_records_describe_themselves(tmp_path, capsys):
     assert all((r["timed_steps"], r["repeats"], r["batch"]) == (10, 3, 64) for r in sampler)
     assert all((r["precision"], r["tf32"]) == ("fp32", None) for r in sampler)  # CPU: fp32
     assert capsys.readouterr().out.count("sampler SDE fp32") == 2
+
+
+def test_host_time_is_the_time_to_return(monkeypatch):
+    """Each timed call's host time ends when it returns, before the device is waited for; a
+    CUDA record keeps its median as ``host_ms`` (a step taking no longer than it was
+    host-bound), a CPU record none (there the two are the same)."""
+    import time
+
+    from diversedit import bench
+
+    host: list[float] = []
+    times = bench._time(lambda: time.sleep(0.002), "cpu", 1, 3, host=host)
+    assert len(host) == 3 and all(0.002 <= h <= t for h, t in zip(host, times, strict=True))
+    monkeypatch.setattr(bench, "_peak_flops", lambda device: None)
+    args = ("tiny", "sit")
+    steps, faults, launches = [0.05, 0.04, 0.06], [0, 0, 0], [0.01, 0.03, 0.02]
+    cuda = bench._result(*args, bench.StepSettings(device="cuda"), steps, None, 1.0, faults,
+                         launches)  # fmt: skip
+    assert cuda.host_ms == pytest.approx(20.0) and cuda.step_ms == pytest.approx(50.0)
+    cpu = bench._result(*args, bench.StepSettings(), steps, None, None, faults, launches)
+    assert cpu.host_ms is None
 
 
 def test_compiled_sampler_bench_times_it_against_eager(monkeypatch, capsys):
@@ -307,8 +328,9 @@ def _gpu_check_recipe() -> tuple[list[str], list[str]]:
     bench = shlex.split(
         re.search(r"^BENCH\s*:?=\s*\$\(GPU_PY\) -m diversedit (.*)$", text, re.M)[1]
     )
+    defaults = re.search(r"^DEFAULTS\s*:?=\s*(.*)$", text, re.M)[1]
     recipe = text[text.index("\ngpu-check:\n") :].split("\n\n")[0].splitlines()[2:]
-    return bench, [line.strip() for line in recipe]
+    return bench, [line.strip().replace("$(DEFAULTS)", defaults) for line in recipe]
 
 
 def test_gpu_check_commands_parse(tmp_path, monkeypatch):
@@ -327,9 +349,10 @@ def test_gpu_check_commands_parse(tmp_path, monkeypatch):
     for line in lines:
         rest = shlex.split(line.split("$(BENCH)", 1)[1].replace("$(GPU_OUT)", str(tmp_path)))
         main([*base, *rest])
-    assert len(calls) == len(lines) >= 5
-    assert all(kwargs["device"] == "cuda" and kwargs["batch"] == 32 for _, kwargs in calls)
-    assert {kwargs["update"] for _, kwargs in calls} >= {"triton", "compiled"}
+    assert len(calls) == len(lines) >= 3
+    assert all(kwargs["device"] == "cuda" and kwargs["batch"] in (32, 64) for _, kwargs in calls)
+    assert {kwargs["update"] for _, kwargs in calls} == {"triton"}  # the trainer's bf16 default
+    assert {kwargs["compile_mode"] for _, kwargs in calls} == {"default", "reduce-overhead"}
 
 
 def test_gpu_check_test_selections_collect_tests():

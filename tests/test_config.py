@@ -183,6 +183,52 @@ def test_compile_default_follows_device(monkeypatch, capability, expected):
     assert PrecisionConfig(compile=True).compile_on(torch.device("cpu")) is True
 
 
+@pytest.mark.parametrize(
+    ("capability", "has_triton", "precision", "update", "triton"),
+    [
+        ((9, 0), True, "bf16", "triton", True),
+        ((8, 0), True, "no", "triton", True),
+        ((9, 0), True, "fp16", "library", True),  # the scaler decides on the host
+        ((7, 5), True, "bf16", "library", False),  # below what Triton supports
+        ((9, 0), False, "bf16", "library", False),  # no Triton installed
+    ],
+)
+def test_triton_defaults_follow_device(
+    monkeypatch, capability, has_triton, precision, update, triton
+):
+    """precision.update and precision.diversity_triton left null: the Triton kernels on GPUs of
+    compute capability 8.0+ (the update with bf16 or no mixed precision only); explicit values
+    and options the kernels lack win; never on the CPU."""
+    import importlib.util
+
+    from diversedit.losses.diversity import DiversityConfig
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):  # Triton installed or not
+        if name == "triton":
+            return (real(name, *args) or object()) if has_triton else None
+        return real(name, *args)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    cuda, cpu, div = torch.device("cuda"), torch.device("cpu"), DiversityConfig()
+    prec = PrecisionConfig(mixed_precision=precision)
+    assert prec.update_on(cuda) == update
+    assert prec.diversity_triton_on(cuda, div) is triton
+    assert prec.diversity_triton_on(cuda, None) is False  # no diversity loss
+    unsupported = dataclasses.replace(div, stats_dtype="autocast")
+    assert prec.diversity_triton_on(cuda, unsupported) is False
+    assert (prec.update_on(cpu), prec.diversity_triton_on(cpu, div)) == ("library", False)
+    explicit = PrecisionConfig(mixed_precision="bf16", update="compiled", diversity_triton=False)
+    assert explicit.update_on(cuda) == "compiled"
+    assert explicit.diversity_triton_on(cuda, div) is False
+    with pytest.raises(ConfigError, match=r"update.*'triton' needs mixed_precision bf16"):
+        PrecisionConfig(update="triton")  # release default fp16
+    with pytest.raises(ConfigError, match=r"update.*expected one of 'library'"):
+        PrecisionConfig(update="fast")
+
+
 def reorder(value):
     if isinstance(value, dict):
         return {k: reorder(value[k]) for k in reversed(list(value))}

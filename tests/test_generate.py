@@ -416,6 +416,7 @@ def test_command_line(run_dir, tmp_path, capsys, monkeypatch):
     path = main([*argv, "--out", str(tmp_path / "cli")])
     assert _arrays(path).shape == (3, 8, 8, 3)
     assert "samples:" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli" / "sampling.json").read_text())["compiled"] is False
     with pytest.raises(SystemExit) as err:
         main([*argv, "--guidance-high", "2"])
     assert err.value.code == 2
@@ -434,6 +435,15 @@ def test_command_line(run_dir, tmp_path, capsys, monkeypatch):
     path = main([*argv, "--compile", "--out", str(tmp_path / "compiled")])
     assert compiled == [{"dynamic": False}] and _arrays(path).shape == (3, 8, 8, 3)
     assert json.loads((tmp_path / "compiled" / "sampling.json").read_text())["compiled"] is True
+    # by default compiled where compile_default_on says so (CUDA), unless --no-compile
+    import diversedit.generate as gen
+
+    monkeypatch.setattr(gen, "compile_default_on", lambda device: device.type == "cpu")
+    main([*argv, "--out", str(tmp_path / "default")])
+    main([*argv, "--no-compile", "--out", str(tmp_path / "eager")])
+    assert len(compiled) == 2
+    for name, want in (("default", True), ("eager", False)):
+        assert json.loads((tmp_path / name / "sampling.json").read_text())["compiled"] is want
     capsys.readouterr()
     # --no-tf32 is a setting of the samples, like the step count
     with pytest.raises(SystemExit) as err:

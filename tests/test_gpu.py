@@ -197,8 +197,9 @@ def test_training_step_has_no_host_sync(compiled, triton):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_digits_training_sampling_and_evaluation_on_cuda(tmp_path, precision):
-    """The trainer's CUDA path (compiled model and loss, fused AdamW, grad scaler, TF32), then
-    sampling and metrics."""
+    """The trainer's CUDA defaults (compiled model and loss, the Triton diversity statistics,
+    fused AdamW with the grad scaler in fp16, the Triton update in bf16, TF32), then sampling
+    (compiled by default on CUDA) and metrics."""
     import json
     from pathlib import Path
 
@@ -219,10 +220,13 @@ def test_digits_training_sampling_and_evaluation_on_cuda(tmp_path, precision):
     AcceleratorState._reset_state(True)
     trainer = Trainer(load_config(root / "params/train/digits_sit.yaml", overrides))
     assert trainer.accelerator.device.type == "cuda" and trainer.compiled
+    assert trainer.diversity_triton
+    assert trainer.update_impl == {"fp16": "library", "bf16": "triton"}[precision]
     run = trainer.fit()
     record = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 4 and record["loss"] == record["loss"]  # finite, not NaN
     samples = sample_run(run, SamplingConfig(num_samples=32, batch_size=16, num_steps=10))
+    assert json.loads((samples.parent / "sampling.json").read_text())["compiled"] is True
     ref = save_adm_npz(tmp_path / "ref.npz", digits_images("all", 16)[0])
     metrics = evaluate(ref, samples, extractor="digits-cnn", device="cuda")["metrics"]
     assert metrics["N_samples"] == 32 and metrics["FD_digits"] > 0

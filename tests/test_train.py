@@ -510,6 +510,9 @@ def test_resume_may_change_how_a_run_executes_not_what_it_trains(tmp_path, capsy
     starts = [json.loads(line) for line in (run / "provenance.jsonl").read_text().splitlines()]
     assert [s["step"] for s in starts] == [0, 2]
     assert all(s["precision"]["mixed_precision"] == "no" for s in starts)
+    # the null defaults as they resolved here: nothing compiled, no Triton kernels on the CPU
+    cpu = {"compile": False, "diversity_triton": False, "update": "library"}
+    assert all(s["execution"] == cpu for s in starts)
     saved = json.loads((run / "config.json").read_text())
     del saved["precision"]["update"]  # as versions without that setting wrote it
     (run / "config.json").write_text(json.dumps(saved))

@@ -62,7 +62,7 @@ WARMUP = {"train": 3, "loss": 3, "optimizer": 2, "sampler": 1, "inception": 1}  
 SAMPLER_TIMED_STEPS, SAMPLER_REPEATS, SAMPLER_BATCH = 10, 3, 64
 # (precision, tf32) timed on CUDA: `diversedit sample`'s default, bf16 autocast, IEEE float32
 SAMPLER_NUMERICS = [("fp32", True), ("bf16", True), ("fp32", False)]
-GPU_ONLY = ("peak_mem_gib", "flops_per_step", "mfu")  # null on a CPU
+GPU_ONLY = ("peak_mem_gib", "flops_per_step", "mfu", "host_ms")  # null on a CPU
 SIZES = ("tiny", *(name.removeprefix("SiT-") for name in MODEL_NAMES))  # tiny, S/1 … XL/8
 
 
@@ -105,6 +105,7 @@ class StepResult:
     page_faults: float | None = None  # median minor page faults per step (host memory)
     update: str = "library"  # how clip, AdamW and EMA ran (``precision.update``)
     step_times_ms: list[float] | None = None  # every timed step, in order (rounds, interleaved)
+    host_ms: float | None = None  # CUDA: median time until the step's call returns (its launches)
 
 
 def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, ObjectiveConfig]:
@@ -178,10 +179,16 @@ def _minor_faults() -> int:
 
 
 def _time(
-    fn: Callable[[], Any], device: str, warmup: int, steps: int, faults: list[int] | None = None
+    fn: Callable[[], Any],
+    device: str,
+    warmup: int,
+    steps: int,
+    faults: list[int] | None = None,
+    host: list[float] | None = None,
 ) -> list[float]:
     """Wall-clock seconds of ``steps`` calls after ``warmup``; appends each call's minor page
-    faults to ``faults`` when given."""
+    faults to ``faults`` and the seconds until it returned (before the device finished) to
+    ``host`` when given."""
 
     def sync() -> None:
         if device.startswith("cuda"):
@@ -194,6 +201,8 @@ def _time(
         sync()
         start, faulted = time.perf_counter(), _minor_faults()
         fn()
+        if host is not None:
+            host.append(time.perf_counter() - start)
         sync()
         times.append(time.perf_counter() - start)
         if faults is not None:
@@ -277,7 +286,7 @@ def _update(
 
 def _result(
     size: str, variant: str, settings: StepSettings, times: list[float], flops: float | None,
-    peak: float | None, faults: list[int],
+    peak: float | None, faults: list[int], host: list[float],
 ) -> StepResult:  # fmt: skip
     st = settings
     median = statistics.median(times)
@@ -288,6 +297,7 @@ def _result(
         1e3 * median, peak, flops, mfu, diversity_triton=st.diversity_triton,
         page_faults=statistics.median(faults), update=st.update,
         step_times_ms=[1e3 * t for t in times],
+        host_ms=1e3 * statistics.median(host) if st.device.startswith("cuda") else None,
     )  # fmt: skip
 
 
@@ -308,9 +318,10 @@ def bench_train_step(
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     faults: list[int] = []
-    times = _time(step, device, warmup, steps, faults)
+    host: list[float] = []
+    times = _time(step, device, warmup, steps, faults, host)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-    result = _result(size, variant, settings, times, flops, peak, faults)
+    result = _result(size, variant, settings, times, flops, peak, faults, host)
     result.profile = profile_step(step, device) if profile else None
     return result
 
@@ -333,12 +344,13 @@ def bench_train_steps_interleaved(
         _time(step, device, warmup, 0)
     times: dict[str, list[float]] = {v: [] for v in variants}
     faults: dict[str, list[int]] = {v: [] for v in variants}
+    host: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(steps):
         for v, (step, _) in prepared.items():
-            times[v] += _time(step, device, 0, 1, faults[v])
+            times[v] += _time(step, device, 0, 1, faults[v], host[v])
     results = []
     for v, (step, flops) in prepared.items():
-        result = _result(size, v, settings, times[v], flops, None, faults[v])
+        result = _result(size, v, settings, times[v], flops, None, faults[v], host[v])
         result.profile = profile_step(step, device) if profile else None
         results.append(result)
     return results
@@ -375,7 +387,7 @@ def bench_diversity_loss(
 
     ``fused``: the eager default (hand-written backward); ``autograd``: the same statistics in
     plain ops (the compile input, run eagerly); ``compiled``: ``diversity_loss(compiled=True)``;
-    ``triton``: ``diversity_loss(triton=True)`` (the experimental kernels, CUDA), and
+    ``triton``: ``diversity_loss(triton=True)`` (the Triton kernels, CUDA), and
     ``triton_compiled`` with ``compiled=True`` too (the kernels inside the compiled loss).
     ``profile`` adds its top operators or kernels (:func:`profile_step`).
     Features alternate the model's stream dtypes: float32 before the long-skip fusion, ``dtype``
@@ -727,6 +739,7 @@ def run(
                 f"{r['step_ms']:8.2f} ms"
                 + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "")
                 + (f"  peak {r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else "")
+                + (f"  host {r['host_ms']:.1f} ms" if r["host_ms"] is not None else "")
                 + (f"  {r['page_faults']:.0f} page faults" if device == "cpu" else "")
                 + (f"  {r['overhead_vs_sit']:+.1%}" if r["overhead_vs_sit"] is not None else "")
                 + (f" (paired {r['overhead_paired']:+.1%}, 95% {ci[0]:+.1%}..{ci[1]:+.1%})"

@@ -46,6 +46,7 @@ from .models.sit import (
     SiTConfig,
 )
 from .models.sit import model_config as registry_config
+from .triton_support import compile_default_on, triton_default_on
 
 DIGITS_CNN_DIM = 64  # feature width of the digits-cnn encoder (REPA target on the digits data)
 ENCODER_DIMS = {
@@ -255,13 +256,16 @@ class PrecisionConfig:
     whole ``model`` as one graph or each transformer ``blocks`` alone (regional compilation: the
     blocks share one compiled graph, so compiling takes seconds instead of a minute).
     ``diversity_triton`` computes the diversity statistics with the Triton kernels of
-    :mod:`~diversedit.losses.diversity_triton` (CUDA; experimental, off by default until timed).
+    :mod:`~diversedit.losses.diversity_triton`; ``null`` (default) = on for CUDA devices of
+    compute capability 8.0+ when the diversity options are ones the kernels implement
+    (XL/2 loss 4.2 → 3.3 ms on an H200), off elsewhere.
     ``update`` runs gradient clipping, AdamW and the EMA as the ``library`` does (three steps,
     four passes over the parameters), or fused into two passes (:class:`~diversedit.update.
     FusedUpdate`, same mathematics): ``compiled`` by ``torch.compile`` (minutes to compile at
     XL/2) or ``triton`` kernels (CUDA; seconds). Fused updates need bf16 or no mixed precision,
-    since fp16's gradient scaler decides on the host whether to skip a step; ``library`` by
-    default until the fused ones are timed on a GPU.
+    since fp16's gradient scaler decides on the host whether to skip a step; ``null``
+    (default) = ``triton`` on CUDA devices of compute capability 8.0+ with bf16 or no mixed
+    precision (XL/2 update 10.5 → 7.6 ms on an H200), ``library`` otherwise.
     None of these six enters the run hash.
     """
 
@@ -270,14 +274,33 @@ class PrecisionConfig:
     compile: bool | None = None
     compile_mode: str = field(default="default", metadata={"choices": COMPILE_MODES})
     compile_scope: str = field(default="model", metadata={"choices": COMPILE_SCOPES})
-    diversity_triton: bool = False
-    update: str = field(default="library", metadata={"choices": UPDATES})
+    diversity_triton: bool | None = None
+    update: str | None = field(default=None, metadata={"choices": UPDATES})
 
     def compile_on(self, device: torch.device) -> bool:
         """Whether to compile on ``device`` (resolves the ``null`` default)."""
         if self.compile is not None:
             return self.compile
-        return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
+        return compile_default_on(device)
+
+    def diversity_triton_on(self, device: torch.device, diversity: DiversityConfig | None) -> bool:
+        """Whether the diversity statistics run as Triton kernels (resolves ``null``)."""
+        if self.diversity_triton is not None:
+            return self.diversity_triton
+        if diversity is None or not triton_default_on(device):
+            return False
+        try:
+            check_triton_supported(diversity)
+        except ValueError:
+            return False
+        return True
+
+    def update_on(self, device: torch.device) -> str:
+        """How the parameter update runs on ``device`` (resolves ``null``)."""
+        if self.update is not None:
+            return self.update
+        fused = triton_default_on(device) and self.mixed_precision != "fp16"
+        return "triton" if fused else "library"
 
     def __post_init__(self) -> None:
         _check(
@@ -295,9 +318,13 @@ class PrecisionConfig:
             "compile_scope",
             _not_one_of(self.compile_scope, COMPILE_SCOPES),
         )
-        _check(self.update in UPDATES, "update", _not_one_of(self.update, UPDATES))
         _check(
-            self.update == "library" or self.mixed_precision != "fp16",
+            self.update is None or self.update in UPDATES,
+            "update",
+            _not_one_of(self.update, UPDATES),
+        )
+        _check(
+            self.update in (None, "library") or self.mixed_precision != "fp16",
             "update",
             f"{self.update!r} needs mixed_precision bf16 or no: with fp16 the gradient scaler "
             "decides on the host whether to skip each step",

@@ -212,8 +212,8 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         for key, on in (
-            ("diversity_triton", cfg.precision.diversity_triton),
-            ("update", cfg.precision.update == "triton"),
+            ("diversity_triton", cfg.precision.diversity_triton is True),  # null never picks
+            ("update", cfg.precision.update == "triton"),  # them off CUDA
         ):
             if on and not triton_runs_on(acc.device):
                 raise ValueError(
@@ -272,14 +272,16 @@ class Trainer:
             acc.unwrap_model(self.model).compile_blocks(prec.compile_mode)
         elif self.compiled:
             self.net = torch.compile(self.model, mode=prec.compile_mode)
+        self.diversity_triton = prec.diversity_triton_on(acc.device, cfg.objective.diversity)
+        self.update_impl = prec.update_on(acc.device)
         self.update = None  # clip, AdamW, EMA as one fused function
-        if prec.update != "library":
+        if self.update_impl != "library":
             self.update = FusedUpdate(
                 self.optimizer,
                 list(self.ema.parameters()),
                 max_norm=opt.grad_clip,
                 ema_decay=opt.ema_decay,
-                impl=prec.update,
+                impl=self.update_impl,
             )
 
     # --- state -----------------------------------------------------------------------------
@@ -495,7 +497,7 @@ class Trainer:
                     encoder_targets=targets,
                     teacher=self.ema,
                     compiled=self.compiled,
-                    triton=cfg.precision.diversity_triton,
+                    triton=self.diversity_triton,
                 )
             acc.backward(loss)
             if self.update is not None:
@@ -595,6 +597,11 @@ class Trainer:
             "resumed_from": str(self._resumed_from) if self._resumed_from else None,
             "step": self.step,
             "precision": resolved["precision"],  # this start's execution settings
+            "execution": {  # what the null defaults resolved to on this device
+                "compile": self.compiled,
+                "diversity_triton": self.diversity_triton,
+                "update": self.update_impl,
+            },
         }
         with prov.open("a") as f:
             f.write(json.dumps(entry) + "\n")

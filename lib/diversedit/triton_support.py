@@ -1,4 +1,4 @@
-"""What the Triton kernels share: where they can run, and tables of tensor addresses.
+"""What the Triton kernels share: where they run (and are on by default), tables of addresses.
 
 The kernels (:mod:`.losses.diversity_triton`, :mod:`.update_triton`) read many tensors in place
 through a device table of their addresses instead of stacking or flattening them first. Both
@@ -19,6 +19,24 @@ def triton_runs_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on ``device``: CUDA, or any device with Triton's CPU
     interpreter on (``TRITON_INTERPRET=1`` before Triton is imported; how the tests run them)."""
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def compile_default_on(device: torch.device) -> bool:
+    """Whether ``torch.compile`` is on by default (``precision.compile`` left ``null``, and
+    sampling): CUDA devices whose Triton kernels Inductor supports (compute capability 7.0+);
+    off on the CPU, where compiling costs more than it saves for short runs."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
+
+
+def triton_default_on(device: torch.device) -> bool:
+    """Whether the Triton kernels are on by default (``precision.diversity_triton`` and
+    ``precision.update`` left ``null``): a CUDA device of compute capability 8.0+ (the
+    Triton-supported GPUs; they were timed on an H200, NOTES entry 28) with Triton installed."""
+    return (
+        device.type == "cuda"
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+        and importlib.util.find_spec("triton") is not None
+    )
 
 
 def device_table(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:

@@ -8,7 +8,9 @@ H200, NOTES entry 7). :class:`FusedUpdate` writes the same mathematics as one fu
 (:mod:`.update_triton`, which build in seconds where Inductor takes minutes): a norm pass over
 the gradients, then one pass that reads gradient, parameter, moments and EMA once and writes
 each once (the clipped gradient is never written back). The optimiser keeps owning the state,
-so checkpoints are the same either way and a run may resume with or without it.
+so checkpoints are the same either way and a run may resume with or without it. The Triton
+kernels take the SiT-XL/2 update from 10.5 to 7.6 ms on an H200: the trainer's default on CUDA
+with bf16 or no mixed precision (``precision.update: null``).
 """
 
 from __future__ import annotations

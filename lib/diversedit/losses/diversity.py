@@ -501,7 +501,7 @@ def diversity_loss(
     ``compiled=True`` runs the same mathematics through ``torch.compile`` (plain differentiable
     statistics that Inductor fuses; the ``raise`` policy stays eager). Compiled once per shape.
     ``triton=True`` computes the statistics with the Triton kernels of :mod:`.diversity_triton`
-    (experimental: not yet timed on a GPU; float32 statistics, release dispersion form), alone
+    (float32 statistics, release dispersion form; the trainer's CUDA default), alone
     or, with ``compiled=True``, as an opaque operator inside the compiled loss.
     """
     if not features:

@@ -1,4 +1,4 @@
-"""Triton kernels for the diversity-loss statistics: no stack, no scatter (experimental).
+"""Triton kernels for the diversity-loss statistics: no stack, no scatter.
 
 The compiled path (:func:`~diversedit.losses.diversity._autograd_stats`) stacks the L block
 features so that the chosen pairs, which depend on device-side validity flags, can be gathered
@@ -12,8 +12,9 @@ names the block) in the block's own dtype.
 The forward and backward are ``torch.library`` custom operators (``diversedit::diversity_stats``
 and its backward), opaque to ``torch.compile``, so the compiled loss calls them without a graph
 break. Same mathematics as the other paths (tested against them, in Triton's interpreter on
-CPU); not yet timed on a GPU, so nothing selects it by default: ``diversity_loss(...,
-triton=True)``, or ``precision.diversity_triton: true`` for training.
+CPU and on a GPU). Inside the compiled SiT-XL/2 loss on an H200 they take it from 4.19 to
+3.25 ms, so the trainer uses them by default on CUDA (``precision.diversity_triton: null``);
+``diversity_loss(..., triton=True)`` selects them directly.
 Kernels are built when this module is imported: with ``TRITON_INTERPRET=1`` set before, they
 run in Triton's CPU interpreter (how the CPU tests check them).
 """
