@@ -174,9 +174,27 @@ def test_defaults_are_the_paper_values():
     assert cfg.objective.repa is None and cfg.objective.diversity is None
 
 
-@pytest.mark.parametrize(("capability", "expected"), [((9, 0), True), ((6, 1), False)])
-def test_compile_default_follows_device(monkeypatch, capability, expected):
+def _pretend_gpu(monkeypatch, capability: tuple[int, int], has_triton: bool) -> None:
+    """A CUDA device of ``capability``, with Triton installed or not."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name == "triton":
+            return object() if has_triton else None
+        return real(name, *args)
+
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+@pytest.mark.parametrize(
+    ("capability", "has_triton", "expected"),
+    [((9, 0), True, True), ((6, 1), True, False), ((9, 0), False, False)],
+)
+def test_compile_default_follows_device(monkeypatch, capability, has_triton, expected):
+    _pretend_gpu(monkeypatch, capability, has_triton)
     cuda = torch.device("cuda")
     assert PrecisionConfig().compile_on(cuda) is expected
     assert PrecisionConfig(compile=False).compile_on(cuda) is False
@@ -188,7 +206,7 @@ def test_compile_default_follows_device(monkeypatch, capability, expected):
     [
         ((9, 0), True, "bf16", "triton", True),
         ((8, 0), True, "no", "triton", True),
-        ((9, 0), True, "fp16", "library", True),  # the scaler decides on the host
+        ((9, 0), True, "fp16", "library", False),  # scaler on the host; fp16 kernels untimed
         ((7, 5), True, "bf16", "library", False),  # below what Triton supports
         ((9, 0), False, "bf16", "library", False),  # no Triton installed
     ],
@@ -199,19 +217,9 @@ def test_triton_defaults_follow_device(
     """precision.update and precision.diversity_triton left null: the Triton kernels on GPUs of
     compute capability 8.0+ (the update with bf16 or no mixed precision only); explicit values
     and options the kernels lack win; never on the CPU."""
-    import importlib.util
-
     from diversedit.losses.diversity import DiversityConfig
 
-    real = importlib.util.find_spec
-
-    def find_spec(name, *args):  # Triton installed or not
-        if name == "triton":
-            return (real(name, *args) or object()) if has_triton else None
-        return real(name, *args)
-
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    _pretend_gpu(monkeypatch, capability, has_triton)
     cuda, cpu, div = torch.device("cuda"), torch.device("cpu"), DiversityConfig()
     prec = PrecisionConfig(mixed_precision=precision)
     assert prec.update_on(cuda) == update

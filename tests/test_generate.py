@@ -412,7 +412,8 @@ def test_bad_sources_and_settings_fail_clearly(loaded, tmp_path):
 
 def test_command_line(run_dir, tmp_path, capsys, monkeypatch):
     _reset_accelerate()
-    argv = [str(run_dir), "--steps", "2", "--num", "3", "--batch-size", "2", "--no-progress"]
+    argv = [str(run_dir), "--steps", "2", "--num", "3", "--batch-size", "2", "--no-progress",
+            "--device", "cpu"]  # fmt: skip
     path = main([*argv, "--out", str(tmp_path / "cli")])
     assert _arrays(path).shape == (3, 8, 8, 3)
     assert "samples:" in capsys.readouterr().out

@@ -87,3 +87,33 @@ def test_a_diverging_row_is_recorded_as_diverged(tmp_path, monkeypatch):
     df = aggregate(tmp_path)
     row = df[(df.table == "t05") & (df.tier == "smoke") & (df.row == "constant-weight")]
     assert set(row.status) == {"diverged"} and set(row.published_status) == {"diverges"}
+
+
+def test_row_sampling_starts_on_an_empty_graph_cache(tmp_path, monkeypatch):
+    """After training, a row resets torch's graph cache before sampling: a compiled training
+    run's graphs would otherwise count against the sampling network's 8 (torch then samples
+    eagerly, with a warning only)."""
+    import torch
+
+    import diversedit.generate as generate_module
+    import diversedit.train as train_module
+    from diversedit.pipeline import load_row, run_row
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def sample_run(*args, **kwargs):
+        calls.append("sample")
+        raise Stop
+
+    monkeypatch.setattr(train_module, "train", lambda cfg: calls.append("train") or tmp_path)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+    monkeypatch.setattr(generate_module, "sample_run", sample_run)
+    params = load_row(
+        "params/t05_adaptive_range/smoke/constant-weight.yaml", results_dir=str(tmp_path)
+    )
+    with pytest.raises(Stop):
+        run_row(params)
+    assert calls == ["train", "reset", "sample"]

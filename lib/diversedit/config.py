@@ -257,15 +257,16 @@ class PrecisionConfig:
     blocks share one compiled graph, so compiling takes seconds instead of a minute).
     ``diversity_triton`` computes the diversity statistics with the Triton kernels of
     :mod:`~diversedit.losses.diversity_triton`; ``null`` (default) = on for CUDA devices of
-    compute capability 8.0+ when the diversity options are ones the kernels implement
-    (XL/2 loss 4.2 → 3.3 ms on an H200), off elsewhere.
+    compute capability 8.0+ with Triton, in bf16 or no mixed precision, when the diversity
+    options are ones the kernels implement (XL/2 loss 4.2 → 3.3 ms on an H200), off elsewhere
+    (also in fp16, whose kernels have not yet run on a GPU).
     ``update`` runs gradient clipping, AdamW and the EMA as the ``library`` does (three steps,
     four passes over the parameters), or fused into two passes (:class:`~diversedit.update.
     FusedUpdate`, same mathematics): ``compiled`` by ``torch.compile`` (minutes to compile at
     XL/2) or ``triton`` kernels (CUDA; seconds). Fused updates need bf16 or no mixed precision,
     since fp16's gradient scaler decides on the host whether to skip a step; ``null``
-    (default) = ``triton`` on CUDA devices of compute capability 8.0+ with bf16 or no mixed
-    precision (XL/2 update 10.5 → 7.6 ms on an H200), ``library`` otherwise.
+    (default) = ``triton`` on CUDA devices of compute capability 8.0+ with Triton, in bf16 or
+    no mixed precision (XL/2 update 10.5 → 7.6 ms on an H200), ``library`` otherwise.
     None of these six enters the run hash.
     """
 
@@ -287,8 +288,8 @@ class PrecisionConfig:
         """Whether the diversity statistics run as Triton kernels (resolves ``null``)."""
         if self.diversity_triton is not None:
             return self.diversity_triton
-        if diversity is None or not triton_default_on(device):
-            return False
+        if diversity is None or self.mixed_precision == "fp16" or not triton_default_on(device):
+            return False  # fp16 blocks: tested in Triton's interpreter, not yet on a GPU
         try:
             check_triton_supported(diversity)
         except ValueError:

@@ -180,6 +180,8 @@ def run_row(params: RowParams) -> dict[str, Any]:
     Returns the results record; ``results/<table>/<tier>/<row>/metrics.json`` is written last,
     so a row is done exactly when that file exists.
     """
+    import torch
+
     from .generate import sample_run
     from .metrics.evaluate import evaluate
     from .results import RowResult, write_result
@@ -208,6 +210,7 @@ def run_row(params: RowParams) -> dict[str, Any]:
         write_result(result, params.results_dir)
         return dataclasses.asdict(result)
     sampling = params.sampling()
+    torch._dynamo.reset()  # a fresh graph budget (8 per function) for the sampling network
     samples = sample_run(run_dir, sampling, progress=False)
     row_dir = params.row_dir()
     record = evaluate(

@@ -23,9 +23,14 @@ def triton_runs_on(device: torch.device) -> bool:
 
 def compile_default_on(device: torch.device) -> bool:
     """Whether ``torch.compile`` is on by default (``precision.compile`` left ``null``, and
-    sampling): CUDA devices whose Triton kernels Inductor supports (compute capability 7.0+);
-    off on the CPU, where compiling costs more than it saves for short runs."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
+    sampling): CUDA devices whose Triton kernels Inductor supports (compute capability 7.0+),
+    with Triton installed; off on the CPU, where compiling costs more than it saves for short
+    runs."""
+    return (
+        device.type == "cuda"
+        and torch.cuda.get_device_capability(device) >= (7, 0)
+        and importlib.util.find_spec("triton") is not None
+    )
 
 
 def triton_default_on(device: torch.device) -> bool:
