@@ -53,9 +53,11 @@ def test_bench_cli_writes_json(tmp_path):
     assert report["sampler"] == []
 
 
-def test_records_describe_themselves(tmp_path, capsys):
-    """Warm-up, variants, the sampler's own batch and repeats, CUDA-only fields, the CPU; the
-    sampler is printed too."""
+def test_records_describe_themselves(tmp_path, capsys, monkeypatch):
+    """Warm-up, variants, the sampler's own batch and repeats, CUDA-only fields, the CPU and
+    torch's settings from the environment; the sampler is printed too."""
+    monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "1")
+    monkeypatch.setenv("TORCH_HOME_UNRELATED", "x")
     out = tmp_path / "bench.json"
     main(["bench", "--sizes", "tiny", "--variants", "sit,repa", "--batch", "2", "--steps", "1",
           "--parts", "sampler", "--out", str(out)])  # fmt: skip
@@ -67,6 +69,8 @@ def test_records_describe_themselves(tmp_path, capsys):
     assert "repa" in repa["objective"] and "stand-in" in repa["note"]
     assert settings["variants"]["sit"] == {"model": {}, "objective": {}}
     assert machine["cpu"] and machine["cpu_count"] >= machine["cpus_usable"] >= 1
+    assert machine["torch_env"].get("TORCHINDUCTOR_CPP_WRAPPER") == "1"
+    assert "TORCH_HOME_UNRELATED" not in machine["torch_env"]
     sampler = report["sampler"]
     assert [r["cfg_scale"] for r in sampler] == [1.0, 1.8]
     assert all((r["timed_steps"], r["repeats"], r["batch"]) == (10, 3, 64) for r in sampler)

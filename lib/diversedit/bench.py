@@ -579,9 +579,14 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Environment variables that change how torch compiles or allocates (``TORCHINDUCTOR_CPP_WRAPPER``
+# and the like): recorded with the machine, since they change the timings but no flag shows them.
+TORCH_ENV = ("TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE", "PYTORCH_CUDA_ALLOC_CONF")
+
+
 def machine() -> dict[str, Any]:
-    """Hardware and versions (Triton's where installed), and the code's git revision (commit,
-    uncommitted changes)."""
+    """Hardware and versions (Triton's where installed), the code's git revision (commit,
+    uncommitted changes) and the torch settings made in the environment (:data:`TORCH_ENV`)."""
     info = git_revision() | {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -589,6 +594,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable_cpus(),
         "threads": torch.get_num_threads(),
+        "torch_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(TORCH_ENV)},
     }
     try:  # the Triton kernels' code depends on its version
         import triton
