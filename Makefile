@@ -45,10 +45,10 @@ bench: setup
 # tests and the benchmark records for results/bench/. Each part has its own time limit, so a
 # hang costs one part, not the rest; the newest questions first (NOTES entry 28). The GPU's
 # clocks, power and temperature are logged twice a second meanwhile (clocks.csv; the logger
-# stops at the end, or after 800 s if the run is cut). First the
-# CUDA test of the trainer's defaults (the Triton statistics and update, compiled sampling);
-# then XL/2 compiled steps with those defaults, with each step's host time: the long residuals
-# cost 8% more kernel time but 24% more wall clock in session 15, a GPU left idle; the same
+# stops at the end, or after 800 s if the run is cut). First the CUDA test of the trainer's
+# defaults (the Triton statistics and update, compiled sampling); then XL/2 compiled steps
+# with those defaults, with each step's host time: the long residuals cost 8% more kernel time
+# but 24% more wall clock in session 15, a GPU left idle; the same
 # steps as CUDA graphs (`reduce-overhead`), which take the host out of the step, and with
 # Inductor's C++ wrapper (`TORCHINDUCTOR_CPP_WRAPPER=1`, recorded in the JSON's machine block),
 # which shortens it; batch 64 for MFU; the other CUDA tests (passed in session 15) last. The

@@ -450,10 +450,10 @@ def generate(
     accelerate's ``wait_for_everyone``) runs before the merge; ``provenance`` (checkpoint,
     decoder, …) is recorded in ``sampling.json``. ``compile_model`` samples through
     :func:`sampling_network` (``None``: on CUDA, ×1.14 at XL/2 on an H200, not on the CPU):
-    the same mathematics, float rounding aside, so it is not a setting
-    of the samples (a run of either kind may finish a folder); each chunk records it and
-    ``sampling.json`` says ``compiled``: true, false or "mixed". Other processes return None, as
-    does process 0 while another process's chunks are still missing (a warning names them).
+    the same mathematics, float rounding aside, so it is not a setting of the samples (a run
+    of either kind may finish a folder); each chunk records it and ``sampling.json`` says
+    ``compiled``: true, false or "mixed". Other processes return None, as does process 0 while
+    another process's chunks are still missing (a warning names them).
     """
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} not in [0, {num_processes})")

@@ -211,9 +211,10 @@ class Trainer:
             project_dir=str(self.run_dir),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        # explicit choices only: the null defaults never pick the Triton kernels off CUDA
         for key, on in (
-            ("diversity_triton", cfg.precision.diversity_triton is True),  # null never picks
-            ("update", cfg.precision.update == "triton"),  # them off CUDA
+            ("diversity_triton", cfg.precision.diversity_triton is True),
+            ("update", cfg.precision.update == "triton"),
         ):
             if on and not triton_runs_on(acc.device):
                 raise ValueError(

@@ -21,27 +21,28 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _triton_gpu(device: torch.device, capability: tuple[int, int]) -> bool:
+    """A CUDA device of at least ``capability``, with Triton installed."""
+    return (
+        device.type == "cuda"
+        and torch.cuda.get_device_capability(device) >= capability
+        and importlib.util.find_spec("triton") is not None
+    )
+
+
 def compile_default_on(device: torch.device) -> bool:
     """Whether ``torch.compile`` is on by default (``precision.compile`` left ``null``, and
     sampling): CUDA devices whose Triton kernels Inductor supports (compute capability 7.0+),
     with Triton installed; off on the CPU, where compiling costs more than it saves for short
     runs."""
-    return (
-        device.type == "cuda"
-        and torch.cuda.get_device_capability(device) >= (7, 0)
-        and importlib.util.find_spec("triton") is not None
-    )
+    return _triton_gpu(device, (7, 0))
 
 
 def triton_default_on(device: torch.device) -> bool:
     """Whether the Triton kernels are on by default (``precision.diversity_triton`` and
     ``precision.update`` left ``null``): a CUDA device of compute capability 8.0+ (the
     Triton-supported GPUs; they were timed on an H200, NOTES entry 28) with Triton installed."""
-    return (
-        device.type == "cuda"
-        and torch.cuda.get_device_capability(device) >= (8, 0)
-        and importlib.util.find_spec("triton") is not None
-    )
+    return _triton_gpu(device, (8, 0))
 
 
 def device_table(rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
