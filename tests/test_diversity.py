@@ -612,6 +612,19 @@ def test_fused_stats_equal_reference_and_autograd_stats() -> None:
     assert torch.allclose(xb.grad.double(), g_want, rtol=1e-2, atol=1e-2 * g_want.abs().max())
 
 
+def test_eager_validity_is_exact_for_huge_finite_values() -> None:
+    """The eager probe sum cannot overflow: a block of the largest finite values is valid (as
+    for the release's isfinite check); one inf or NaN anywhere makes a block invalid."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        big = torch.finfo(dtype).max
+        blocks = [torch.full((64, 3, 8), v, dtype=dtype) for v in (big, -big)]
+        blocks += [torch.randn(64, 3, 8).to(dtype) for _ in range(3)]
+        blocks[3][63, 2, 7], blocks[4][0, 0, 0] = math.inf, math.nan
+        for stats in (_fused_stats, _autograd_stats):
+            got = stats(blocks, torch.float32, NEED, None, CFG)
+            assert got.valid.tolist() == [True, True, True, False, False], (stats, dtype)
+
+
 def test_chosen_slots_order_and_padding() -> None:
     valid = torch.tensor([False, True, True, False, True, False, True])
     cand_a, cand_b = torch.arange(6), torch.full((6,), 6)  # pair k: blocks (k, 6)
@@ -644,23 +657,30 @@ def test_compiled_loss_equals_eager() -> None:
     assert not g_comp[4].any() and not g_comp[9].any() and g_comp[5].abs().sum() > 0
 
 
-def test_eager_gram_matmuls_ignore_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The eager statistics' matmuls run with TF32 off (exact fp32, as the release's products)
-    and the user's TF32 switch is restored afterwards, also after an error."""
+def test_eager_matmuls_ignore_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager statistics' matmuls run with TF32 off (exact fp32, as the release's sums and
+    products) and the user's TF32 switch is restored afterwards, also after an error."""
     seen = []
-    matmul = torch.Tensor.__matmul__
 
-    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        seen.append(torch.backends.cuda.matmul.allow_tf32)
-        return matmul(a, b)
+    def spy(fn):
+        def call(*args, **kwargs):
+            seen.append((fn.__name__, torch.backends.cuda.matmul.allow_tf32))
+            return fn(*args, **kwargs)
 
-    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+        return call
+
+    for name in ("bmm", "mm", "einsum", "matmul"):
+        monkeypatch.setattr(torch, name, spy(getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy(torch.Tensor.__matmul__))
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         feats = [f.requires_grad_(True) for f in _feats(12)]
         diversity_loss(feats, DiversityConfig())["loss"].backward()
-        assert seen == [False, False]  # the Gram matmul, forward and backward
+        # forward: the probe and token sums, the per-row Gram matrices, the L1 and L2 column
+        # sums; backward: one product per row
+        assert [n for n, _ in seen] == ["mm", "bmm", "mm", "mm", "bmm"]
+        assert not any(tf32 for _, tf32 in seen)
         assert torch.backends.cuda.matmul.allow_tf32 is True
         with pytest.raises(RuntimeError), allow_tf32(False):
             raise RuntimeError

@@ -12,8 +12,8 @@ tensor values happens for the ``skip`` and ``zero_loss`` policies; index tensors
 
 All terms are read off small per-block statistics (token means, row-averaged token cosines of
 block pairs, column norms), computed in one of two equivalent ways: eagerly by an autograd
-Function with a hand-written float32 backward that keeps no float32 copy of the features (pair
-cosines from one block×block Gram matmul, kept in IEEE float32 whatever the TF32 switch), or,
+Function with a hand-written float32 backward that keeps no float32 copy of the features (sums
+and pair cosines from batched products, kept in IEEE float32 whatever the TF32 switch), or,
 with ``compiled=True``, as plain differentiable ops that ``torch.compile`` fuses (pair cosines
 only for the chosen pairs, elementwise). Both are exact float32, like the release.
 """
@@ -228,7 +228,7 @@ class _Stats(NamedTuple):
 
     valid: Tensor  # (B,) bool: every value of the block is finite (invalid blocks read as 0)
     mu: Tensor  # (B, D) token means
-    cos: Tensor  # (B, B) row-averaged token cosines of block pairs (eager Gram; or empty)
+    cos: Tensor  # (B, B) row-averaged token cosines of block pairs (eager; or empty)
     fmean: Tensor  # (B, D) row means of the row-normalised blocks
     l1: Tensor  # (B, D) column L1 norms
     l2: Tensor  # (B, D) column L2 norms
@@ -244,57 +244,66 @@ class _Need(NamedTuple):
     cols: bool
 
 
-def _finite_blocks(x: Tensor, dims: tuple[int, int]) -> Tensor:
-    """Per-block "all values finite" in eager mode: x·0 is 0, or NaN for ±inf/NaN, and a sum of
-    zeros cannot overflow; two passes where ``isfinite(x).all()`` takes four. Not for compiled
-    code: Inductor may fold x·0 to 0 (seen on CUDA), so the compiled path uses ``isfinite``."""
-    return (x * 0).sum(dim=dims, dtype=torch.float32) == 0
+_PROBE = 2.0**-64  # finite float32/64 values times this cannot overflow a column sum
 
 
-def _column_norms(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """L1 and L2 norms over dim 1 in ``dtype``; on the CPU as sums of |x| and x², where
-    ``linalg.vector_norm`` over a dim that is not the innermost is 2.5× slower."""
-    if x.device.type != "cpu":
-        return tuple(torch.linalg.vector_norm(x, ord=o, dim=1, dtype=dtype) for o in (1, 2))
-    x = x.to(dtype)
-    return x.abs().sum(dim=1), x.square().sum(dim=1).sqrt()
+def _ieee(fn, *args: Tensor) -> Tensor:
+    """``fn(*args)`` (a matmul) in IEEE float32 arithmetic, whatever the TF32 switch."""
+    with allow_tf32(False):
+        return fn(*args)
 
 
 class _FusedStats(torch.autograd.Function):
-    """Eager statistics of a (B, M, D) stack in ``dtype``, with a hand-written backward.
+    """Eager statistics of an (M, B, D) stack (rows, blocks, channels) in ``dtype``, with a
+    hand-written backward.
 
-    Values and gradients equal :func:`_autograd_stats` (abs_of_mean MI), but no ``dtype`` copy of
-    the stack is kept: the row-normalised blocks are recomputed in the backward, which builds the
-    input gradient in one ``dtype`` buffer and rounds it once. Non-finite blocks are zeroed inside,
-    so they get a zero gradient without an in-place write into the stack.
+    Values and gradients equal :func:`_autograd_stats` (abs_of_mean MI) up to float rounding, in
+    few passes over the stack: sums over rows are products with a ones row (one read, where a
+    reduction over a dim that is not the innermost is 2× slower on the CPU); pair cosines come
+    from per-row block×block Gram matrices, whose diagonals are the row norms and which give
+    the backward's radial term, so no row-normalised copy is made; the backward is one batched
+    product per row plus per-channel terms. Non-finite blocks are found by a probe sum that
+    cannot overflow and are zeroed, so they get a zero gradient; only the zeroed stack is kept,
+    in its own dtype.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, eps: float, dtype: torch.dtype, need: _Need):
-        valid = _finite_blocks(x, dims=(1, 2))
-        x = torch.where(valid[:, None, None], x, 0)
-        rows = x.shape[1]
+        rows, nb, d = x.shape
+        xs = x if x.dtype == dtype else x.to(dtype)
+        exact = xs if xs.dtype in (torch.float32, torch.float64) else x.float()
+        lhs = exact.new_empty(2, rows)
+        lhs[0], lhs[1] = _PROBE, 1.0
+        probe, total = _ieee(torch.mm, lhs, exact.view(rows, nb * d)).view(2, nb, d)
+        valid = torch.isfinite(probe).all(dim=-1)
+        x = torch.where(valid[:, None], x, 0)
+        xs = x if x.dtype == dtype else torch.where(valid[:, None], xs, 0)
 
         def none() -> Tensor:  # placeholder output (distinct tensors for autograd)
             return x.new_zeros(0, dtype=dtype)
 
-        mu = x.mean(dim=1, dtype=dtype) if need.mu else none()
-        cos, fmean, inv = none(), none(), none()
+        mu = (torch.where(valid[:, None], total, 0) / rows).to(dtype) if need.mu else none()
+        cos, fmean, inv, gram = none(), none(), none(), none()
         if need.cos or need.fmean:
-            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype)
+            if need.cos:  # one (B, B) Gram matrix per row; its diagonal holds the row norms²
+                gram = _ieee(torch.bmm, xs, xs.transpose(1, 2))
+                norm = gram.diagonal(dim1=1, dim2=2).sqrt()
+            else:
+                norm = torch.linalg.vector_norm(xs, dim=-1)
             inv = torch.where(norm >= eps, 1.0 / norm.clamp_min(eps), -1.0 / eps)  # sign = clamped
-            fh = x * inv.abs()
-            if need.cos:
-                flat = fh.flatten(1)
-                with allow_tf32(False):
-                    cos = (flat @ flat.T) / rows
+            scale = inv.abs()  # (M, B)
+            if need.cos:  # c(a, b): mean over rows of ⟨x_a, x_b⟩/(‖x_a‖‖x_b‖), no overflow
+                cos = ((gram * scale[:, :, None]) * scale[:, None, :]).sum(dim=0) / rows
             if need.fmean:
-                fmean = fh.mean(dim=1)
-            del fh
+                fmean = _ieee(torch.bmm, scale.T[:, None] / rows, xs.transpose(0, 1)).squeeze(1)
         l1, l2 = none(), none()
         if need.cols:
-            l1, l2 = _column_norms(x, dtype)
-        ctx.save_for_backward(x, inv, l2, valid)
+            ones = lhs[1:] if lhs.dtype == dtype else xs.new_ones(1, rows)
+            mag = xs.abs().view(rows, nb * d)
+            l1 = _ieee(torch.mm, ones, mag).view(nb, d)
+            l2 = _ieee(torch.mm, ones, mag.square_()).view(nb, d).sqrt()
+            del mag
+        ctx.save_for_backward(x, inv, gram, l2, valid)
         ctx.need, ctx.dtype = need, dtype
         ctx.mark_non_differentiable(valid)
         return valid, mu, cos, fmean, l1, l2
@@ -302,37 +311,43 @@ class _FusedStats(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, _, g_mu, g_cos, g_fmean, g_l1, g_l2):
-        x, inv, l2, valid = ctx.saved_tensors
-        need, rows = ctx.need, x.shape[1]
+        x, inv, gram, l2, valid = ctx.saved_tensors
+        need, rows, dtype = ctx.need, x.shape[0], ctx.dtype
         # the masking in the forward: no gradient reaches a non-finite block (small tensors only)
-        keep = valid[:, None].to(ctx.dtype)
+        keep = valid[:, None].to(dtype)
         g_mu, g_fmean, g_l1, g_l2 = (
             g * keep if g.numel() else g for g in (g_mu, g_fmean, g_l1, g_l2)
         )
         g_cos = g_cos * keep * keep.T if g_cos.numel() else g_cos
-        spare = None  # a free (B, M, D) buffer: fewer fresh allocations (page faults on the CPU)
+        xs = x if x.dtype == dtype else x.to(dtype)
         if need.cos or need.fmean:
+            # with f̂ = s·x (s = 1/‖x‖, or 1/eps on clamped rows) and g = ∂L/∂f̂ per row:
+            # ∂L/∂x = s·g − s²·⟨g, f̂⟩·x on unclamped rows, s·g on clamped ones
             scale = inv.abs()
-            fh = x * scale
-            if need.cos:
-                with allow_tf32(False):
-                    grad = (((g_cos + g_cos.T) / rows) @ fh.flatten(1)).view_as(fh)
-                if need.fmean:
-                    grad.add_(g_fmean[:, None] / rows)
-            else:
-                grad = (g_fmean[:, None] / rows).expand_as(fh).clone()
-            # d f̂/dx = (I − f̂ f̂ᵀ)/‖x‖ on unclamped rows, I/eps on clamped ones
-            radial = (grad * fh).sum(dim=-1, keepdim=True) * (inv > 0)
-            grad.addcmul_(fh, radial, value=-1.0).mul_(scale)
-            spare = fh
+            radial = torch.zeros_like(inv)  # ⟨g, f̂⟩ per row
+            mix = None
+            if need.cos:  # g_b = Σ_a (g_ba + g_ab)/M·f̂_a: one (B, B) product per row
+                g_sym = (g_cos + g_cos.T) / rows
+                mix = (scale[:, :, None] * g_sym) * scale[:, None, :]  # (M, b, a)
+                radial += (mix * gram).sum(dim=-1)  # gram is symmetric
+            if need.fmean:  # g_b += g_fmean_b/M
+                dots = _ieee(torch.bmm, xs.transpose(0, 1), g_fmean[:, :, None]).squeeze(-1)
+                radial += scale * dots.T / rows
+            coef = -(scale * scale) * radial * (inv > 0)
+            if mix is None:
+                grad = xs * coef[..., None]
+            else:  # the radial term is diagonal in the blocks: part of the same product
+                mix.diagonal(dim1=1, dim2=2).add_(coef)
+                grad = _ieee(torch.bmm, mix, xs)
+            if need.fmean:
+                grad.addcmul_(scale[..., None], g_fmean / rows)
         else:
-            grad = torch.zeros(x.shape, dtype=ctx.dtype, device=x.device)
+            grad = torch.zeros(x.shape, dtype=dtype, device=x.device)
         if need.mu:
-            grad.add_(g_mu[:, None] / rows)
+            grad.add_(g_mu / rows)
         if need.cols:
-            same = spare is not None and spare.dtype == x.dtype
-            grad.addcmul_(torch.sign(x, out=spare if same else None), g_l1[:, None])
-            grad.addcmul_(x, torch.where(l2 > 0, g_l2 / l2, 0.0)[:, None])
+            grad.addcmul_(torch.sign(x), g_l1)
+            grad.addcmul_(x, torch.where(l2 > 0, g_l2 / l2, 0.0))
         return grad.to(x.dtype), None, None, None
 
 
@@ -343,7 +358,7 @@ def _fused_stats(
     the plan lists, the statistics dtype, what is needed, the plan and the configuration."""
     if cfg.mi_form != "abs_of_mean" and need.cos:  # the hand-written backward: abs_of_mean
         return _autograd_stats(blocks, dtype, need, plan, cfg)
-    x = torch.stack(blocks).flatten(1, -2)
+    x = torch.stack(blocks, dim=-2).flatten(0, -3)
     return _Stats(*_FusedStats.apply(x, cfg.eps, dtype, need), rows=x.new_zeros(0))
 
 
@@ -457,7 +472,7 @@ def _pair_terms(stats: _Stats, plan: _Plan, cfg: DiversityConfig) -> tuple[Tenso
             slot, filled = _slots(chosen, plan.cap)
             c = _pair_row_cos(stats.rows, ca[slot], cb[slot], cfg.eps, cfg.mi_form)
             w = filled.to(weight.dtype)
-        else:  # every candidate from the fused block Gram matrix
+        else:  # every candidate from the eager (B, B) pair cosines
             c, w = stats.cos[ca, cb], weight
         mi = ((c.abs() if cfg.mi_form == "abs_of_mean" else c) * w).sum() / denom
     return orth, mi, used
