@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from diversedit.losses.diversity import (
+    MIN_EPS,
     DiversityConfig,
     _autograd_stats,
     _fused_stats,
@@ -403,6 +405,53 @@ def test_autocast_stats_inherit_fp16_eps_underflow() -> None:
     assert torch.isnan(half["mi"]) and half["div"] == 0 and half["div_nonfinite"] == 1
 
 
+@pytest.mark.parametrize("region", ["fp16 blocks", "fp32 blocks under fp16 autocast"])
+def test_autocast_stats_follow_fp32_stats_at_large_norms(region: str) -> None:
+    """16-bit statistics round the norms and the statistics, not the sums and products behind
+    them: rows of norm ~400, whose squares and Gram entries overflow fp16, give the fp32
+    statistics' loss and gradients to fp16 precision, also inside an fp16 autocast region."""
+    g = torch.Generator().manual_seed(0)
+    feats = [(torch.randn(2, 256, 32, generator=g) * 70 + 20 * (k % 3)) for k in range(12)]
+    if region == "fp16 blocks":
+        feats = [f.half() for f in feats]
+    runs = []
+    for stats_dtype in ("fp32", "autocast"):
+        leaves = [f.clone().requires_grad_(True) for f in feats]
+        with torch.autocast("cpu", dtype=torch.float16, enabled=region != "fp16 blocks"):
+            out = diversity_loss(leaves, DiversityConfig(stats_dtype=stats_dtype))
+        (out["div"] * 2.0**10).backward()  # scaled like fp16 training, or fp16 grads underflow
+        runs.append((out, torch.cat([leaf.grad.float().flatten() for leaf in leaves])))
+    (full, g_full), (half, g_half) = runs
+    assert half["blocks_skipped"] == 0 and half["div_nonfinite"] == 0
+    for key in ("orth", "mi", "disp", "div"):
+        _close(half[key], full[key], tol=2e-3)
+    assert torch.isfinite(g_half).all()
+    assert (g_half - g_full).norm() <= 1e-2 * g_full.norm()
+
+
+@pytest.mark.parametrize("stats", [_fused_stats, _autograd_stats])
+def test_smallest_eps_gives_finite_gradients(stats) -> None:
+    """At the smallest eps (1/eps² near the float32 limit), with zero rows in two blocks at one
+    token and a NaN block: finite values and gradients, zero on the NaN block, equal for the
+    eager and the plain statistics."""
+    feats = _feats(6, shape=(2, 4, 8))
+    feats[1][0, 0], feats[2][0, 0] = 0.0, 0.0
+    feats[3][1, 2, 3] = math.nan
+    cfg = DiversityConfig(eps=MIN_EPS, pairs="star", adaptive=False)
+    plan = _plan(len(feats), cfg, feats[0].device)
+    leaves = [f.clone().requires_grad_(True) for f in feats]
+    out = _terms(tuple(leaves), plan, cfg, stats)
+    out["div"].backward()
+    assert torch.isfinite(out["div"]) and out["blocks_skipped"] == 1
+    assert all(torch.isfinite(leaf.grad).all() for leaf in leaves) and not leaves[3].grad.any()
+    ref = [f.clone().requires_grad_(True) for f in feats]
+    want = _terms(tuple(ref), plan, cfg, _autograd_stats)
+    want["div"].backward()
+    _close(out["div"], want["div"])
+    for a, b in zip(leaves, ref, strict=True):
+        _close(a.grad, b.grad, tol=1e-4)
+
+
 def test_bf16_under_autocast_returns_fp32_and_backprops() -> None:
     layer = torch.nn.Linear(8, 8)
     x = torch.randn(2, 4, 8)
@@ -520,6 +569,7 @@ def test_cuda_no_sync_and_matches_cpu() -> None:
         ({"mi_form": "x"}, "mi_form"),
         ({"disp_form": "x"}, "disp_form"),
         ({"eps": 0.0}, "eps"),
+        ({"eps": 1e-19}, "eps"),
         ({"stats_dtype": "bf16"}, "stats_dtype"),
         ({"pairs": "ring"}, "pairs"),
         ({"pair_encoder_depth": 0}, "pair_encoder_depth"),
@@ -582,7 +632,7 @@ def test_fused_stats_equal_reference_and_autograd_stats() -> None:
     x.requires_grad_(True)
     want = _stats_reference(blocks(x))
     weights = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in want]
-    for flags in [NEED, _Need(True, False, False, False), _Need(False, True, False, True)]:
+    for flags in [_Need(*f) for f in itertools.product((False, True), repeat=4) if any(f)]:
         got = _fused_stats(blocks(x), torch.float64, flags, None, CFG)
         want = _stats_reference(blocks(x))
         assert got.valid.tolist() == [True, True, False]
@@ -657,7 +707,17 @@ def test_compiled_loss_equals_eager() -> None:
     assert not g_comp[4].any() and not g_comp[9].any() and g_comp[5].abs().sum() > 0
 
 
-def test_eager_matmuls_ignore_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("disp_form", "calls"),
+    [
+        # forward: the probe and token sums, the per-row Gram matrices, the L1 and L2 column
+        # sums; backward: one product per row
+        ("release_l1l2_usage", ["mm", "bmm", "mm", "mm", "bmm"]),
+        # the dispersion term's means of row-normalised tokens add one product each way
+        ("mean_activation_variance", ["mm", "bmm", "bmm", "bmm", "bmm"]),
+    ],
+)
+def test_eager_matmuls_ignore_tf32(monkeypatch: pytest.MonkeyPatch, disp_form, calls) -> None:
     """The eager statistics' matmuls run with TF32 off (exact fp32, as the release's sums and
     products) and the user's TF32 switch is restored afterwards, also after an error."""
     seen = []
@@ -669,17 +729,16 @@ def test_eager_matmuls_ignore_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
 
         return call
 
-    for name in ("bmm", "mm", "einsum", "matmul"):
+    for name in ("bmm", "mm", "einsum", "matmul", "baddbmm", "addmm"):
         monkeypatch.setattr(torch, name, spy(getattr(torch, name)))
-    monkeypatch.setattr(torch.Tensor, "__matmul__", spy(torch.Tensor.__matmul__))
+    for name in ("__matmul__", "matmul", "mm", "bmm"):
+        monkeypatch.setattr(torch.Tensor, name, spy(getattr(torch.Tensor, name)))
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         feats = [f.requires_grad_(True) for f in _feats(12)]
-        diversity_loss(feats, DiversityConfig())["loss"].backward()
-        # forward: the probe and token sums, the per-row Gram matrices, the L1 and L2 column
-        # sums; backward: one product per row
-        assert [n for n, _ in seen] == ["mm", "bmm", "mm", "mm", "bmm"]
+        diversity_loss(feats, DiversityConfig(disp_form=disp_form))["loss"].backward()
+        assert [n for n, _ in seen] == calls
         assert not any(tf32 for _, tf32 in seen)
         assert torch.backends.cuda.matmul.allow_tf32 is True
         with pytest.raises(RuntimeError), allow_tf32(False):

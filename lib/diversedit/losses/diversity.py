@@ -43,6 +43,7 @@ PAIR_MODES = ("release_formula", "star", "explicit", "all")
 NONFINITE_POLICIES = ("skip", "raise", "zero_loss")
 WEIGHT_GRADS = ("live", "detached")
 MAX_LOSS = 5.0  # release clamp; unreachable for the default weights (|L_div| <= 2/3)
+MIN_EPS = 1e-18  # eps² and 1/eps² stay normal float32 numbers (the release's eps: 1e-8)
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -106,8 +107,11 @@ class DiversityConfig:
         _choice("pairs", self.pairs, PAIR_MODES)
         _choice("nonfinite_policy", self.nonfinite_policy, NONFINITE_POLICIES)
         _choice("adaptive_weight_grad", self.adaptive_weight_grad, WEIGHT_GRADS)
-        if _real("eps", self.eps) <= 0:
-            raise ValueError(f"DiversityConfig.eps must be > 0, got {self.eps!r}")
+        if _real("eps", self.eps) < MIN_EPS:
+            raise ValueError(
+                f"DiversityConfig.eps must be >= {MIN_EPS} (float32 statistics divide by eps², "
+                f"which would underflow), got {self.eps!r}"
+            )
         _int("pair_encoder_depth", self.pair_encoder_depth, 1)
         _int("max_pairs", self.max_pairs, 0)
         pairs = []
@@ -264,20 +268,30 @@ class _FusedStats(torch.autograd.Function):
     the backward's radial term, so no row-normalised copy is made; the backward is one batched
     product per row plus per-channel terms. Non-finite blocks are found by a probe sum that
     cannot overflow and are zeroed, so they get a zero gradient; only the zeroed stack is kept,
-    in its own dtype.
+    in its own dtype. Sums and products run in float32 (float64 for float64 input) outside
+    autocast; a 16-bit ``dtype`` rounds the row norms (so eps underflows as in half-precision
+    code) and the statistics, and the gradient is rounded once.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, eps: float, dtype: torch.dtype, need: _Need):
+        wide = reduce(torch.promote_types, (x.dtype, dtype, torch.float32))
+        with torch.autocast(x.device.type, enabled=False):
+            stats = _FusedStats._forward(ctx, x, eps, dtype, need, wide)
+        ctx.need, ctx.wide = need, wide
+        ctx.mark_non_differentiable(stats[0])
+        return stats
+
+    @staticmethod
+    def _forward(ctx, x: Tensor, eps: float, dtype: torch.dtype, need: _Need, wide: torch.dtype):
         rows, nb, d = x.shape
-        xs = x if x.dtype == dtype else x.to(dtype)
-        exact = xs if xs.dtype in (torch.float32, torch.float64) else x.float()
-        lhs = exact.new_empty(2, rows)
+        xw = x.to(wide)  # no copy for a float32 stack with float32 statistics (the CPU default)
+        lhs = xw.new_empty(2, rows)
         lhs[0], lhs[1] = _PROBE, 1.0
-        probe, total = _ieee(torch.mm, lhs, exact.view(rows, nb * d)).view(2, nb, d)
+        probe, total = _ieee(torch.mm, lhs, xw.view(rows, nb * d)).view(2, nb, d)
         valid = torch.isfinite(probe).all(dim=-1)
         x = torch.where(valid[:, None], x, 0)
-        xs = x if x.dtype == dtype else torch.where(valid[:, None], xs, 0)
+        xw = x if x.dtype == wide else torch.where(valid[:, None], xw, 0)
 
         def none() -> Tensor:  # placeholder output (distinct tensors for autograd)
             return x.new_zeros(0, dtype=dtype)
@@ -286,69 +300,73 @@ class _FusedStats(torch.autograd.Function):
         cos, fmean, inv, gram = none(), none(), none(), none()
         if need.cos or need.fmean:
             if need.cos:  # one (B, B) Gram matrix per row; its diagonal holds the row norms²
-                gram = _ieee(torch.bmm, xs, xs.transpose(1, 2))
+                gram = _ieee(torch.bmm, xw, xw.transpose(1, 2))
                 norm = gram.diagonal(dim1=1, dim2=2).sqrt()
             else:
-                norm = torch.linalg.vector_norm(xs, dim=-1)
+                norm = torch.linalg.vector_norm(xw, dim=-1)
+            norm = norm.to(dtype)
             inv = torch.where(norm >= eps, 1.0 / norm.clamp_min(eps), -1.0 / eps)  # sign = clamped
-            scale = inv.abs()  # (M, B)
+            scale = inv.abs().to(wide)  # (M, B)
             if need.cos:  # c(a, b): mean over rows of ⟨x_a, x_b⟩/(‖x_a‖‖x_b‖), no overflow
                 cos = ((gram * scale[:, :, None]) * scale[:, None, :]).sum(dim=0) / rows
             if need.fmean:
-                fmean = _ieee(torch.bmm, scale.T[:, None] / rows, xs.transpose(0, 1)).squeeze(1)
-        l1, l2 = none(), none()
+                fmean = _ieee(torch.bmm, scale.T[:, None] / rows, xw.transpose(0, 1)).squeeze(1)
+        l1 = l2 = none()
         if need.cols:
-            ones = lhs[1:] if lhs.dtype == dtype else xs.new_ones(1, rows)
-            mag = xs.abs().view(rows, nb * d)
-            l1 = _ieee(torch.mm, ones, mag).view(nb, d)
-            l2 = _ieee(torch.mm, ones, mag.square_()).view(nb, d).sqrt()
+            mag = xw.abs().view(rows, nb * d)
+            l1 = _ieee(torch.mm, lhs[1:], mag).view(nb, d)
+            l2 = _ieee(torch.mm, lhs[1:], mag.square_()).view(nb, d).sqrt()
             del mag
         ctx.save_for_backward(x, inv, gram, l2, valid)
-        ctx.need, ctx.dtype = need, dtype
-        ctx.mark_non_differentiable(valid)
-        return valid, mu, cos, fmean, l1, l2
+        return valid, mu, cos.to(dtype), fmean.to(dtype), l1.to(dtype), l2.to(dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, _, g_mu, g_cos, g_fmean, g_l1, g_l2):
+        with torch.autocast(g_mu.device.type, enabled=False):
+            return _FusedStats._backward(ctx, g_mu, g_cos, g_fmean, g_l1, g_l2), None, None, None
+
+    @staticmethod
+    def _backward(ctx, g_mu, g_cos, g_fmean, g_l1, g_l2):
         x, inv, gram, l2, valid = ctx.saved_tensors
-        need, rows, dtype = ctx.need, x.shape[0], ctx.dtype
+        need, rows, wide = ctx.need, x.shape[0], ctx.wide
         # the masking in the forward: no gradient reaches a non-finite block (small tensors only)
-        keep = valid[:, None].to(dtype)
+        keep = valid[:, None].to(wide)
         g_mu, g_fmean, g_l1, g_l2 = (
-            g * keep if g.numel() else g for g in (g_mu, g_fmean, g_l1, g_l2)
+            g.to(wide) * keep if g.numel() else g for g in (g_mu, g_fmean, g_l1, g_l2)
         )
-        g_cos = g_cos * keep * keep.T if g_cos.numel() else g_cos
-        xs = x if x.dtype == dtype else x.to(dtype)
+        g_cos = g_cos.to(wide) * keep * keep.T if g_cos.numel() else g_cos
         if need.cos or need.fmean:
+            xw = x.to(wide)
             # with f̂ = s·x (s = 1/‖x‖, or 1/eps on clamped rows) and g = ∂L/∂f̂ per row:
             # ∂L/∂x = s·g − s²·⟨g, f̂⟩·x on unclamped rows, s·g on clamped ones
-            scale = inv.abs()
-            radial = torch.zeros_like(inv)  # ⟨g, f̂⟩ per row
+            scale = inv.abs().to(wide)
+            radial = torch.zeros_like(scale)  # ⟨g, f̂⟩ per row
             mix = None
             if need.cos:  # g_b = Σ_a (g_ba + g_ab)/M·f̂_a: one (B, B) product per row
                 g_sym = (g_cos + g_cos.T) / rows
                 mix = (scale[:, :, None] * g_sym) * scale[:, None, :]  # (M, b, a)
                 radial += (mix * gram).sum(dim=-1)  # gram is symmetric
             if need.fmean:  # g_b += g_fmean_b/M
-                dots = _ieee(torch.bmm, xs.transpose(0, 1), g_fmean[:, :, None]).squeeze(-1)
+                dots = _ieee(torch.bmm, xw.transpose(0, 1), g_fmean[:, :, None]).squeeze(-1)
                 radial += scale * dots.T / rows
-            coef = -(scale * scale) * radial * (inv > 0)
+            coef = torch.where(inv > 0, -(scale * radial) * scale, 0.0)
             if mix is None:
-                grad = xs * coef[..., None]
+                grad = xw * coef[..., None]
             else:  # the radial term is diagonal in the blocks: part of the same product
                 mix.diagonal(dim1=1, dim2=2).add_(coef)
-                grad = _ieee(torch.bmm, mix, xs)
+                grad = _ieee(torch.bmm, mix, xw)
             if need.fmean:
                 grad.addcmul_(scale[..., None], g_fmean / rows)
         else:
-            grad = torch.zeros(x.shape, dtype=dtype, device=x.device)
+            grad = torch.zeros(x.shape, dtype=wide, device=x.device)
         if need.mu:
             grad.add_(g_mu / rows)
         if need.cols:
+            l2 = l2.to(wide)
             grad.addcmul_(torch.sign(x), g_l1)
             grad.addcmul_(x, torch.where(l2 > 0, g_l2 / l2, 0.0))
-        return grad.to(x.dtype), None, None, None
+        return grad.to(x.dtype)
 
 
 def _fused_stats(
