@@ -363,10 +363,14 @@ class _FusedStats(torch.autograd.Function):
         if need.mu:
             grad.add_(g_mu / rows)
         if need.cols:
-            l2 = l2.to(wide)
-            grad.addcmul_(torch.sign(x), g_l1)
+            grad.addcmul_(torch.sign(x), g_l1)  # l2 was saved in the wide dtype
             grad.addcmul_(x, torch.where(l2 > 0, g_l2 / l2, 0.0))
         return grad.to(x.dtype)
+
+
+def _row_stack(blocks: list[Tensor]) -> Tensor:
+    """The blocks as one (M, B, D) stack: rows (sample×token), blocks, channels."""
+    return torch.stack(blocks, dim=-2).flatten(0, -3)
 
 
 def _fused_stats(
@@ -376,7 +380,7 @@ def _fused_stats(
     the plan lists, the statistics dtype, what is needed, the plan and the configuration."""
     if cfg.mi_form != "abs_of_mean" and need.cos:  # the hand-written backward: abs_of_mean
         return _autograd_stats(blocks, dtype, need, plan, cfg)
-    x = torch.stack(blocks, dim=-2).flatten(0, -3)
+    x = _row_stack(blocks)
     return _Stats(*_FusedStats.apply(x, cfg.eps, dtype, need), rows=x.new_zeros(0))
 
 
@@ -389,7 +393,7 @@ def _autograd_stats(
     here: :func:`_pair_terms` gathers the chosen pairs' rows (O(|P|) elementwise work, where a
     B×B Gram matrix per row costs O(B²) in batched matmuls). ``cfg.mi_form`` is applied there.
     """
-    x = torch.stack(blocks, dim=-2).flatten(0, -3)
+    x = _row_stack(blocks)
     valid = torch.isfinite(x).all(dim=-1).all(dim=0)  # one fused pass under compile
     x = torch.where(valid[:, None], x, 0).to(dtype)
     empty = x.new_zeros(0)
