@@ -48,7 +48,9 @@ bench: setup
 # stops at the end, or after 800 s if the run is cut). First the CUDA test of the trainer's
 # defaults (the Triton statistics and update, compiled sampling); then XL/2 compiled steps
 # with those defaults, with each step's host time: the long residuals cost 8% more kernel time
-# but 24% more wall clock in session 15, a GPU left idle; the same
+# but 24% more wall clock in session 15, a GPU left idle, each time timed after SiT in the same
+# process, so now round-robin (`--interleave`: a GPU warming up or throttling slows every
+# variant alike; `diversedit overhead` reads the rounds back); the same
 # steps as CUDA graphs (`reduce-overhead`), which take the host out of the step, and with
 # Inductor's C++ wrapper (`TORCHINDUCTOR_CPP_WRAPPER=1`, recorded in the JSON's machine block),
 # which shortens it; batch 64 for MFU; the other CUDA tests (passed in session 15) last. The
@@ -66,7 +68,7 @@ gpu-check:
 	-timeout 150 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "digits" \
 		tests/test_gpu.py 2>&1 | tee $(GPU_OUT)/tests_defaults.log
 	-timeout 110 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversedit $(DEFAULTS) \
-		--parts train --profile --out $(GPU_OUT)/xl_compiled_triton.json
+		--interleave --parts train --profile --out $(GPU_OUT)/xl_compiled_triton.json
 	-timeout 150 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversedit $(DEFAULTS) \
 		--compile-mode reduce-overhead --parts train --out $(GPU_OUT)/xl_cudagraphs.json
 	-TORCHINDUCTOR_CPP_WRAPPER=1 timeout 120 $(BENCH) --sizes XL/2 --variants sit,long_skip \

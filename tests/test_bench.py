@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from diversedit.__main__ import main
+from diversedit.overhead import pool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,8 @@ def test_bench_cli_writes_json(tmp_path):
         rows[1]["step_times_ms"][0] / rows[0]["step_times_ms"][0] - 1
     )
     assert all(r["overhead_ci95"] is None for r in rows)  # one round: no interval
+    (pooled,), skipped = pool([out])  # `diversedit overhead` reads the record back alike
+    assert pooled["overhead"] == rows[1]["overhead_paired"] and not skipped
     code = report["machine"]  # the code that was measured: a checkout's commit and dirty flag
     assert len(code["git_commit"]) == 40 and isinstance(code["dirty"], bool)
     assert ("triton" in code) == (importlib.util.find_spec("triton") is not None)
@@ -263,7 +266,7 @@ def test_median_interval_order_statistics_and_coverage():
     coverage of a known median in simulation (a wrong rank fails one or the other)."""
     import random
 
-    from diversedit.bench import median_ci, paired_overhead
+    from diversedit.overhead import median_ci, paired_overhead
 
     assert median_ci(range(5)) is None  # even the extremes cover only 93.75%
     assert median_ci(range(6)) == (0, 5)
@@ -357,6 +360,7 @@ def test_gpu_check_commands_parse(tmp_path, monkeypatch):
     assert all(kwargs["device"] == "cuda" and kwargs["batch"] in (32, 64) for _, kwargs in calls)
     assert {kwargs["update"] for _, kwargs in calls} == {"triton"}  # the trainer's bf16 default
     assert {kwargs["compile_mode"] for _, kwargs in calls} == {"default", "reduce-overhead"}
+    assert calls[0][1]["interleave"] is True  # the long-skip question, in paired rounds
 
 
 def test_gpu_check_test_selections_collect_tests():

@@ -1,5 +1,5 @@
 """Command line (``diversedit`` or ``python -m diversedit``): prepare, train, sample, evaluate,
-reproduce, report, bench.
+reproduce, report, bench, overhead.
 
 Exit codes: 0 done, 2 invalid parameters or a missing input path (an ``error: ...`` line;
 nothing written), 85 preempted after a checkpoint (SIGTERM / SIGUSR1: requeue the job; it
@@ -23,6 +23,18 @@ class UsageError(SystemExit):
         self.code = 2
 
 
+def _check_out(command: str, out: Path | None) -> None:
+    """UsageError unless ``--out`` can be written (its folder is made)."""
+    if out is None:
+        return
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"diversedit {command}: --out {out}: {err.strerror}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"diversedit {command}: --out {out}: folder not writable")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from .bench import VARIANTS, check_options, run
 
@@ -38,13 +50,7 @@ def _bench(args: argparse.Namespace) -> None:
         )  # fmt: skip
     except ValueError as err:
         raise UsageError(f"diversedit bench: {err}") from None
-    if args.out is not None:  # before minutes of timing, not after
-        try:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"diversedit bench: --out {args.out}: {err.strerror}") from None
-        if not os.access(args.out.parent, os.W_OK):
-            raise UsageError(f"diversedit bench: --out {args.out}: folder not writable")
+    _check_out("bench", args.out)  # before minutes of timing, not after
     run(
         sizes,
         variants,
@@ -62,6 +68,31 @@ def _bench(args: argparse.Namespace) -> None:
         diversity_triton=args.diversity_triton,
         update=args.update,
     )
+
+
+def _overhead(args: argparse.Namespace) -> None:
+    import json
+
+    from .files import atomic_write_bytes
+    from .overhead import pool, summary
+
+    if args.target is not None and not 0 <= args.target <= 1:
+        raise UsageError(
+            f"diversedit overhead: --target {args.target}: a fraction from 0 to 1, e.g. 0.10 "
+            "for 10%"
+        )
+    _check_out("overhead", args.out)
+    try:
+        pooled, skipped = pool(args.records, base=args.base)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if not pooled:
+        raise UsageError(f"no interleaved timings of a variant and {args.base!r} to pair:\n"
+                         + "\n".join(skipped))  # fmt: skip
+    print(summary(pooled, skipped, args.target))
+    if args.out is not None:
+        doc = {"base": args.base, "target": args.target, "pooled": pooled, "skipped": skipped}
+        atomic_write_bytes(args.out, json.dumps(doc, indent=2).encode())
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -254,6 +285,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     bench.add_argument("--out", type=Path, default=None, help="JSON file to write")
     bench.set_defaults(func=_bench)
+    over = sub.add_parser(
+        "overhead",
+        help="each variant's paired overhead over SiT in interleaved bench records, pooled "
+        "over records of the same measurement",
+    )
+    over.add_argument("records", type=Path, nargs="+", help="bench JSON records")
+    over.add_argument("--base", default="sit", help="the variant the others are paired with")
+    over.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="e.g. 0.10: met when the whole 95%% interval is at or under it, not met when it "
+        "is wholly above, else undecided",
+    )
+    over.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    over.set_defaults(func=_overhead)
     args = parser.parse_args(argv)
     # a missing input (e.g. a run directory to sample) is bad input; in training or a
     # benchmark it would be a crash, whose traceback is kept

@@ -10,7 +10,6 @@ description recorded beside it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ from .losses.repa import RepaConfig
 from .models import MODEL_NAMES, create_model, model_config
 from .models.sit import SiTConfig
 from .numerics import allow_tf32
+from .overhead import median_ci, paired_overhead
 from .sampling import euler_maruyama_sampler
 from .triton_support import triton_runs_on
 from .update import FusedUpdate
@@ -354,26 +354,6 @@ def bench_train_steps_interleaved(
         result.profile = profile_step(step, device) if profile else None
         results.append(result)
     return results
-
-
-def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
-    """Distribution-free confidence interval of the median: the k-th smallest and k-th largest
-    values, for the largest k whose binomial coverage is at least ``level``; None when even the
-    extremes cover less (fewer than 6 values at 95%)."""
-    xs, n = sorted(values), len(values)
-    k = 0
-    while k < n // 2 and 1 - 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n >= level:
-        k += 1
-    return (xs[k - 1], xs[n - k]) if k else None
-
-
-def paired_overhead(
-    times_ms: Sequence[float], base_ms: Sequence[float]
-) -> tuple[float, tuple[float, float] | None]:
-    """Median over rounds of ``time / base time − 1`` for steps timed in the same round, and
-    its 95% interval (:func:`median_ci`): slow drift of the machine cancels within a round."""
-    ratios = [t / b - 1 for t, b in zip(times_ms, base_ms, strict=True)]
-    return statistics.median(ratios), median_ci(ratios)
 
 
 LOSS_IMPLS = ("fused", "autograd", "compiled", "triton", "triton_compiled")  # triton*: CUDA
