@@ -90,12 +90,14 @@ def test_pool_skips_what_does_not_pair(tmp_path):
     other = record(
         tmp_path / "other.json", [step("sit", [1.0] * 6, size="B/2"), step("diversedit", [1.1] * 6)]
     )
-    pooled, skipped = pool([seq, lone, other])
+    short = record(tmp_path / "short.json", [step("sit", [1.0] * 5), step("diversedit", [1.1] * 6)])
+    pooled, skipped = pool([seq, lone, other, short])
     assert pooled == []
     assert skipped == [
         f"{seq}: S/2 diversedit: not timed in interleaved rounds",
         f"{lone}: S/2 diversedit: no sit timings in the same rounds",
         f"{other}: S/2 diversedit: no sit timings in the same rounds",
+        f"{short}: S/2 diversedit: no sit timings in the same rounds",
     ]
     assert pool([other], base="diversedit")[1] == [f"{other}: B/2 sit: no diversedit timings "
                                                    "in the same rounds"]  # fmt: skip
@@ -111,7 +113,7 @@ def test_overhead_cli(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["target"] == 0.1 and doc["pooled"][0]["overhead"] == pytest.approx(0.2)
     bad = tmp_path / "bad.json"
-    bad.write_text("{}")
+    bad.write_text('{"machine": {}, "settings": {}, "train_step": {}}')
     cases = [
         ([str(tmp_path / "none.json")], f"{tmp_path / 'none.json'}: no such file"),
         ([str(bad)], f"{bad}: not a `diversedit bench` record"),

@@ -66,7 +66,10 @@ def _load(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a JSON benchmark record ({err})") from None
     keys = ("machine", "settings", "train_step")
-    if not isinstance(record, dict) or any(k not in record for k in keys):
+    kinds = (dict, dict, list)
+    if not isinstance(record, dict) or any(
+        not isinstance(record.get(k), kind) for k, kind in zip(keys, kinds, strict=True)
+    ):
         raise ValueError(f"{path}: not a `diversedit bench` record (needs {', '.join(keys)})")
     return record
 
@@ -113,7 +116,9 @@ def pool(paths: Iterable[Path], base: str = "sit") -> tuple[list[dict[str, Any]]
                 skipped.append(f"{what}: not timed in interleaved rounds")
                 continue
             key = _key(step, record)
-            if key not in bases:
+            if key not in bases or len(bases[key].get("step_times_ms") or ()) != len(
+                step["step_times_ms"]
+            ):
                 skipped.append(f"{what}: no {base} timings in the same rounds")
                 continue
             ratios = round_ratios(step["step_times_ms"], bases[key]["step_times_ms"])
