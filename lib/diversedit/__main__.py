@@ -287,8 +287,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench.set_defaults(func=_bench)
     over = sub.add_parser(
         "overhead",
-        help="each variant's paired overhead over SiT in interleaved bench records, pooled "
-        "over records of the same measurement",
+        help="each variant's paired overhead over a base variant (sit) in interleaved bench "
+        "records, pooled over records of the same measurement; the verdict against a target",
     )
     over.add_argument("records", type=Path, nargs="+", help="bench JSON records")
     over.add_argument("--base", default="sit", help="the variant the others are paired with")
