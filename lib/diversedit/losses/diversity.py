@@ -363,8 +363,8 @@ class _FusedStats(torch.autograd.Function):
         if need.mu:
             grad.add_(g_mu / rows)
         if need.cols:
-            grad.addcmul_(torch.sign(x), g_l1)  # l2 was saved in the wide dtype
-            grad.addcmul_(x, torch.where(l2 > 0, g_l2 / l2, 0.0))
+            grad.addcmul_(torch.sign(x), g_l1)
+            grad.addcmul_(x, torch.where(l2 > 0, g_l2 / l2, 0.0))  # l2: saved in the wide dtype
         return grad.to(x.dtype)
 
 
