@@ -50,7 +50,8 @@ bench: setup
 # with those defaults, with each step's host time: the long residuals cost 8% more kernel time
 # but 24% more wall clock in session 15, a GPU left idle, each time timed after SiT in the same
 # process, so now round-robin (`--interleave`: a GPU warming up or throttling slows every
-# variant alike; `diversedit overhead` reads the rounds back); the same
+# variant alike; `diversedit overhead` reads the rounds back; `--profile` finds where in the
+# step the GPU idles and what the host ran meanwhile, `gpu_idle` in the JSON); the same
 # steps as CUDA graphs (`reduce-overhead`), which take the host out of the step, and with
 # Inductor's C++ wrapper (`TORCHINDUCTOR_CPP_WRAPPER=1`, recorded in the JSON's machine block),
 # which shortens it; batch 64 for MFU; the other CUDA tests (passed in session 15) last. The

@@ -36,6 +36,7 @@ from .models.sit import SiTConfig
 from .numerics import allow_tf32
 from .overhead import median_ci, paired_overhead
 from .sampling import euler_maruyama_sampler
+from .timeline import idle_summary, trace_intervals
 from .triton_support import triton_runs_on
 from .update import FusedUpdate
 
@@ -136,8 +137,9 @@ def profile_step(
 ) -> dict[str, Any]:
     """Where ``steps`` calls of ``fn`` spend their time, per call: the ``top`` operators (or
     compiled kernels) by self time (device time on CUDA, CPU time otherwise), and on CUDA the
-    summed kernel time per :data:`KERNEL_CLASSES` class (``kernel_ms``, with ``total``)."""
-    from torch.autograd import DeviceType
+    summed kernel time per :data:`KERNEL_CLASSES` class (``kernel_ms``, with ``total``) and the
+    GPU's idle time between kernels with what the host ran meanwhile (``gpu_idle``,
+    :func:`~.timeline.idle_summary`)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
@@ -154,19 +156,37 @@ def profile_step(
         value = getattr(event, "self_device_time_total", None)  # torch >= 2.4
         return event.self_cuda_time_total if value is None else value
 
-    events = sorted(prof.key_averages(), key=self_us, reverse=True)[:top]
-    kernel_ms: dict[str, float] = {}
-    if cuda:
-        for e in prof.events():
-            if e.device_type == DeviceType.CUDA:
-                cls = kernel_class(e.name)
-                kernel_ms[cls] = kernel_ms.get(cls, 0.0) + e.device_time_total / 1e3 / steps
-        kernel_ms["total"] = sum(kernel_ms.values())
     ops = [
         {"name": e.key, "self_ms": self_us(e) / 1e3 / steps, "calls": e.count / steps}
-        for e in events
+        for e in sorted(prof.key_averages(), key=self_us, reverse=True)[:top]
     ]
-    return {"top": ops, "kernel_ms": kernel_ms}
+    out: dict[str, Any] = {"top": ops, "kernel_ms": {}}
+    if cuda:
+        out.update(gpu_timeline(prof.events(), steps))
+    return out
+
+
+def gpu_timeline(events: Any, steps: int) -> dict[str, Any]:
+    """``kernel_ms`` (summed kernel time per :data:`KERNEL_CLASSES` class and ``total``, ms
+    per step) and ``gpu_idle`` (:func:`~.timeline.idle_summary`) from a CUDA profile's events."""
+    from torch.autograd import DeviceType
+
+    kernels = trace_intervals(events, DeviceType.CUDA)
+    kernel_ms: dict[str, float] = {}
+    for start, end, name in kernels:
+        cls = kernel_class(name)
+        kernel_ms[cls] = kernel_ms.get(cls, 0.0) + (end - start) / 1e3 / steps
+    kernel_ms["total"] = sum(kernel_ms.values())
+    host = trace_intervals(events, DeviceType.CPU, leaves=True)
+    return {"kernel_ms": kernel_ms, "gpu_idle": idle_summary(kernels, host, steps)}
+
+
+def _idle_text(profile: dict[str, Any] | None) -> str:
+    """The printed GPU idle time of a profiled CUDA step, or nothing."""
+    idle = (profile or {}).get("gpu_idle", {})
+    if not idle.get("kernels"):
+        return ""
+    return f"  GPU idle {idle['idle_ms']:.1f} of {idle['span_ms']:.1f} ms (profiled)"
 
 
 def _minor_faults() -> int:
@@ -726,6 +746,7 @@ def run(
                 + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "")
                 + (f"  peak {r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else "")
                 + (f"  host {r['host_ms']:.1f} ms" if r["host_ms"] is not None else "")
+                + _idle_text(r["profile"])
                 + (f"  {r['page_faults']:.0f} page faults" if device == "cpu" else "")
                 + (f"  {r['overhead_vs_sit']:+.1%}" if r["overhead_vs_sit"] is not None else "")
                 + (f" (paired {r['overhead_paired']:+.1%}, 95% {ci[0]:+.1%}..{ci[1]:+.1%})"
