@@ -7,7 +7,7 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile
 
-from diversedit.bench import gpu_timeline
+from diversedit.bench import _idle_text, gpu_timeline
 from diversedit.timeline import idle_summary, trace_intervals
 
 
@@ -73,6 +73,8 @@ def test_gpu_timeline_reads_kernels_not_annotations():
     assert idle["kernels"] == 3 and idle["idle_ms"] == pytest.approx(0.15)
     during = idle["host_during_gaps_ms"]
     assert during == pytest.approx({"cudaLaunchKernel": 0.04, "untraced": 0.11})
+    assert _idle_text({"gpu_idle": idle}) == "  GPU idle 0.1 of 0.4 ms (profiled)"
+    assert _idle_text(None) == _idle_text({"top": [], "kernel_ms": {}}) == ""  # CPU profiles
 
 
 def test_real_profiler_events_read_back():

@@ -166,7 +166,7 @@ def profile_step(
     return out
 
 
-def gpu_timeline(events: Any, steps: int) -> dict[str, Any]:
+def gpu_timeline(events: Sequence[Any], steps: int) -> dict[str, Any]:
     """``kernel_ms`` (summed kernel time per :data:`KERNEL_CLASSES` class and ``total``, ms
     per step) and ``gpu_idle`` (:func:`~.timeline.idle_summary`) from a CUDA profile's events."""
     from torch.autograd import DeviceType
