@@ -45,7 +45,10 @@ def paired_overhead(
 ) -> tuple[float, tuple[float, float] | None]:
     """Median over rounds of ``time / base time − 1`` for steps timed in the same round, and
     its 95% interval (:func:`median_ci`): slow drift of the machine cancels within a round."""
-    ratios = round_ratios(times_ms, base_ms)
+    return _median_and_ci(round_ratios(times_ms, base_ms))
+
+
+def _median_and_ci(ratios: Sequence[float]) -> tuple[float, tuple[float, float] | None]:
     return statistics.median(ratios), median_ci(ratios)
 
 
@@ -127,19 +130,18 @@ def pool(paths: Iterable[Path], base: str = "sit") -> tuple[list[dict[str, Any]]
                 "base": base, "ratios": [], "records": [],
             })  # fmt: skip
             group["ratios"] += ratios
+            overhead, ci = _median_and_ci(ratios)
             group["records"].append({
                 "file": str(path), "revision": _revision(record["machine"]),
-                "rounds": len(ratios), "overhead": statistics.median(ratios),
-                "ci95": median_ci(ratios),
+                "rounds": len(ratios), "overhead": overhead, "ci95": ci,
             })  # fmt: skip
     pooled = []
     for group in groups.values():
         ratios = group.pop("ratios")
         revisions = list(dict.fromkeys(r["revision"] for r in group["records"]))
-        pooled.append(
-            group | {"rounds": len(ratios), "overhead": statistics.median(ratios),
-                     "ci95": median_ci(ratios), "revisions": revisions}
-        )  # fmt: skip
+        overhead, ci = _median_and_ci(ratios)
+        pooled.append(group | {"rounds": len(ratios), "overhead": overhead, "ci95": ci,
+                               "revisions": revisions})  # fmt: skip
     return pooled, skipped
 
 
