@@ -524,6 +524,8 @@ def test_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronisation / host data in diversity_loss")
 
+    # the device path (on the CPU the eager statistics may read their validity check)
+    monkeypatch.setattr("diversedit.losses.diversity._host_readable", lambda t: False)
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     monkeypatch.setattr(torch, "tensor", forbidden)  # index tensors come from the cache
@@ -628,21 +630,25 @@ def test_fused_stats_equal_reference_and_autograd_stats() -> None:
     x = x.detach().clone()
     x[1, 1, 0], x[2, 0, 0] = 0.0, 1e-9  # a zero row and a row whose norm is clamped to eps
     x[0, :, :, 3] = 0.0  # an all-zero channel
+    finite = x.clone().requires_grad_(True)  # every block finite: no zeroing pass on the CPU
     x[2, 1, 1, 2] = math.nan  # a non-finite block: zeroed, zero gradient
     x.requires_grad_(True)
-    want = _stats_reference(blocks(x))
-    weights = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in want]
-    for flags in [_Need(*f) for f in itertools.product((False, True), repeat=4) if any(f)]:
-        got = _fused_stats(blocks(x), torch.float64, flags, None, CFG)
-        want = _stats_reference(blocks(x))
-        assert got.valid.tolist() == [True, True, False]
+    weights = [
+        torch.randn(t.shape, dtype=torch.float64, generator=g) for t in _stats_reference(blocks(x))
+    ]
+    flag_sets = [_Need(*f) for f in itertools.product((False, True), repeat=4) if any(f)]
+    for xs, flags in itertools.product((x, finite), flag_sets):
+        got = _fused_stats(blocks(xs), torch.float64, flags, None, CFG)
+        want = _stats_reference(blocks(xs))
+        assert got.valid.tolist() == [True, True, xs is finite]
         used = [i for i, t in enumerate(got[1:6]) if t.numel()]
         for i in used:
             assert torch.allclose(got[i + 1], want[i], rtol=1e-12, atol=1e-12), i
-        (g_got,) = torch.autograd.grad(sum((got[i + 1] * weights[i]).sum() for i in used), x)
-        (g_want,) = torch.autograd.grad(sum((want[i] * weights[i]).sum() for i in used), x)
+        (g_got,) = torch.autograd.grad(sum((got[i + 1] * weights[i]).sum() for i in used), xs)
+        (g_want,) = torch.autograd.grad(sum((want[i] * weights[i]).sum() for i in used), xs)
         assert torch.allclose(g_got, g_want, rtol=1e-10, atol=1e-5), flags
-        assert not g_got[2].any()
+        assert xs is finite or not g_got[2].any()
+    want = _stats_reference(blocks(x))
     plain = _autograd_stats(blocks(x), torch.float64, NEED, None, CFG)
     assert plain.valid.tolist() == [True, True, False] and plain.rows.shape == (4, 3, 5)
     for i in (0, 2, 3, 4):  # mu, fmean, l1, l2 (pair cosines are gathered by _pair_terms)

@@ -7,8 +7,10 @@ The release skips non-finite blocks and pairs with Python branches (one host syn
 Here the same result is computed with masks: invalid blocks are zeroed before any reduction, the
 pair set is the first ``max_pairs`` valid candidates (cumsum over a validity mask of the candidate
 list) and a non-finite L_div becomes 0 through ``torch.where``. No ``.item()`` or branching on
-tensor values happens for the ``skip`` and ``zero_loss`` policies; index tensors are cached per
-(L, config, device), so only the first call on a device copies host data to it.
+device tensor values happens for the ``skip`` and ``zero_loss`` policies (on the CPU, where it
+costs no sync, the eager statistics skip their zeroing pass when every block is finite); index
+tensors are cached per (L, config, device), so only the first call on a device copies host
+data to it.
 
 All terms are read off small per-block statistics (token means, row-averaged token cosines of
 block pairs, column norms), computed in one of two equivalent ways: eagerly by an autograd
@@ -257,6 +259,11 @@ def _ieee(fn, *args: Tensor) -> Tensor:
         return fn(*args)
 
 
+def _host_readable(t: Tensor) -> bool:
+    """Whether reading ``t``'s values on the host costs no device sync (a CPU tensor)."""
+    return t.device.type == "cpu"
+
+
 class _FusedStats(torch.autograd.Function):
     """Eager statistics of an (M, B, D) stack (rows, blocks, channels) in ``dtype``, with a
     hand-written backward.
@@ -267,10 +274,11 @@ class _FusedStats(torch.autograd.Function):
     from per-row block×block Gram matrices, whose diagonals are the row norms and which give
     the backward's radial term, so no row-normalised copy is made; the backward is one batched
     product per row plus per-channel terms. Non-finite blocks are found by a probe sum that
-    cannot overflow and are zeroed, so they get a zero gradient; only the zeroed stack is kept,
-    in its own dtype. Sums and products run in float32 (float64 for float64 input) outside
-    autocast; a 16-bit ``dtype`` rounds the row norms (so eps underflows as in half-precision
-    code) and the statistics, and the gradient is rounded once.
+    cannot overflow and are zeroed, so they get a zero gradient (on the CPU, where reading the
+    check costs no device sync, the zeroing pass is skipped when every block is finite); only
+    the zeroed stack is kept, in its own dtype. Sums and products run in float32 (float64 for
+    float64 input) outside autocast; a 16-bit ``dtype`` rounds the row norms (so eps
+    underflows as in half-precision code) and the statistics, and the gradient is rounded once.
     """
 
     @staticmethod
@@ -290,8 +298,9 @@ class _FusedStats(torch.autograd.Function):
         lhs[0], lhs[1] = _PROBE, 1.0
         probe, total = _ieee(torch.mm, lhs, xw.view(rows, nb * d)).view(2, nb, d)
         valid = torch.isfinite(probe).all(dim=-1)
-        x = torch.where(valid[:, None], x, 0)
-        xw = x if x.dtype == wide else torch.where(valid[:, None], xw, 0)
+        if not (_host_readable(x) and valid.all()):
+            x = torch.where(valid[:, None], x, 0)
+            xw = x if x.dtype == wide else torch.where(valid[:, None], xw, 0)
 
         def none() -> Tensor:  # placeholder output (distinct tensors for autograd)
             return x.new_zeros(0, dtype=dtype)
