@@ -39,6 +39,11 @@ def test_bench_cli_writes_json(tmp_path):
     assert all(r["timing"] == "interleaved" for r in rows)  # the CPU defaults
     assert all(r["dtype"] == "fp32" for r in rows) and report["settings"]["dtype"] == "fp32"
     assert all(r["page_faults"] >= 0 for r in rows)  # per step: host memory kept or not
+    # peak tensor memory per variant, on the CPU too: at least the parameters, their gradients,
+    # AdamW's two moments and the EMA; the long residuals' weights and the kept features add
+    state = [5 * _param_bytes(v) / 2**30 for v in ("sit", "diversedit")]
+    assert rows[0]["peak_mem_gib"] > state[0] and rows[1]["peak_mem_gib"] > state[1]
+    assert rows[1]["peak_mem_gib"] > rows[0]["peak_mem_gib"]
     assert report["settings"]["keep_freed_memory"] is sys.platform.startswith("linux")
     for r in rows:  # the profile names the matmuls that dominate a step on the CPU
         top = r["profile"]["top"]
@@ -56,6 +61,33 @@ def test_bench_cli_writes_json(tmp_path):
     assert report["sampler"] == []
 
 
+def _param_bytes(variant: str) -> int:
+    from diversedit import bench
+
+    model, _ = bench.build("tiny", variant, "cpu")
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_cpu_allocation_peak_counts_what_is_held_at_once():
+    """The running sum of the CPU allocator's events: a tensor made before is not counted, a
+    freed one stops counting; a step timed alone records its peak as in the round-robin."""
+    import torch
+
+    from diversedit import bench
+
+    before = torch.empty(1 << 22)  # 16 MiB held already
+
+    def fn():
+        a, b = torch.empty(1 << 20), torch.empty(1 << 21)  # 4 + 8 MiB
+        del a
+        return b, torch.empty(1 << 18)  # + 1 MiB after 4 were freed
+
+    (_, c), peak = bench.cpu_allocation_peak(fn)
+    assert peak == 12 * 2**20 and c.numel() == 1 << 18 and before.numel() == 1 << 22
+    alone = bench.bench_train_step("tiny", "sit", bench.StepSettings(batch=2), warmup=1, steps=1)
+    assert alone.peak_mem_gib > 5 * _param_bytes("sit") / 2**30
+
+
 def test_records_describe_themselves(tmp_path, capsys, monkeypatch):
     """Warm-up, variants, the sampler's own batch and repeats, CUDA-only fields, the CPU and
     torch's settings from the environment; the sampler is printed too."""
@@ -67,7 +99,7 @@ def test_records_describe_themselves(tmp_path, capsys, monkeypatch):
     report = json.loads(out.read_text())
     settings, machine = report["settings"], report["machine"]
     assert settings["warmup"]["train"] == 3 and settings["warmup"]["sampler"] == 1
-    assert settings["gpu_only"] == ["peak_mem_gib", "flops_per_step", "mfu", "host_ms"]
+    assert settings["gpu_only"] == ["flops_per_step", "mfu", "host_ms"]
     repa = settings["variants"]["repa"]
     assert "repa" in repa["objective"] and "stand-in" in repa["note"]
     assert settings["variants"]["sit"] == {"model": {}, "objective": {}}

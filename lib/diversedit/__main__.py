@@ -280,8 +280,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--parts",
         default="train,loss,sampler,inception",
         help="comma list: train,loss,optimizer,sampler,inception (sampler and inception time "
-        "their own batches and repeats, recorded in the JSON; peak memory, FLOPs and MFU are "
-        "measured on CUDA only)",
+        "their own batches and repeats, recorded in the JSON; FLOPs and MFU are measured on "
+        "CUDA only, peak memory on CUDA when variants are timed one after another and on the "
+        "CPU always)",
     )
     bench.add_argument("--out", type=Path, default=None, help="JSON file to write")
     bench.set_defaults(func=_bench)

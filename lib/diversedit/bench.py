@@ -63,7 +63,7 @@ WARMUP = {"train": 3, "loss": 3, "optimizer": 2, "sampler": 1, "inception": 1}  
 SAMPLER_TIMED_STEPS, SAMPLER_REPEATS, SAMPLER_BATCH = 10, 3, 64
 # (precision, tf32) timed on CUDA: `diversedit sample`'s default, bf16 autocast, IEEE float32
 SAMPLER_NUMERICS = [("fp32", True), ("bf16", True), ("fp32", False)]
-GPU_ONLY = ("peak_mem_gib", "flops_per_step", "mfu", "host_ms")  # null on a CPU
+GPU_ONLY = ("flops_per_step", "mfu", "host_ms")  # null on a CPU
 SIZES = ("tiny", *(name.removeprefix("SiT-") for name in MODEL_NAMES))  # tiny, S/1 … XL/8
 
 
@@ -98,7 +98,7 @@ class StepResult:
     compiled: bool
     images_per_s: float
     step_ms: float
-    peak_mem_gib: float | None
+    peak_mem_gib: float | None  # tensor memory: CUDA timed steps, CPU build and warm-up
     flops_per_step: float | None
     mfu: float | None
     profile: dict[str, Any] | None = None  # where the time goes (``--profile``)
@@ -187,6 +187,23 @@ def _idle_text(profile: dict[str, Any] | None) -> str:
     if not idle.get("kernels"):
         return ""
     return f"  GPU idle {idle['idle_ms']:.1f} of {idle['span_ms']:.1f} ms (profiled)"
+
+
+def cpu_allocation_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """``fn()`` and the most bytes of CPU tensor memory it held at once, beyond what was
+    allocated when it began: the running sum of the profiler's allocation and free events
+    (every call of the CPU allocator, in bytes asked for)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):  # stable: ties keep their order
+        if e.device_type() == torch.autograd.DeviceType.CPU:
+            held += e.nbytes()
+            peak = max(peak, held)
+    return out, peak
 
 
 def _minor_faults() -> int:
@@ -321,6 +338,24 @@ def _result(
     )  # fmt: skip
 
 
+def _prepare_warm(
+    size: str, variant: str, settings: StepSettings, warmup: int
+) -> tuple[Callable[[], None], float | None, float | None]:
+    """:func:`prepare_train_step` and its ``warmup`` calls: the step, its FLOPs and, on the CPU,
+    its peak tensor memory in GiB from the model's build through the warm-up (model, optimiser
+    state, EMA, inputs and the step's own tensors; :func:`cpu_allocation_peak`)."""
+
+    def prepare() -> tuple[Callable[[], None], float | None]:
+        step, flops = prepare_train_step(size, variant, settings)
+        _time(step, settings.device, warmup, 0)
+        return step, flops
+
+    if torch.device(settings.device).type != "cpu":
+        return *prepare(), None
+    (step, flops), peak = cpu_allocation_peak(prepare)
+    return step, flops, peak / 2**30
+
+
 def bench_train_step(
     size: str,
     variant: str,
@@ -330,17 +365,19 @@ def bench_train_step(
     steps: int = 10,
     profile: bool = False,
 ) -> StepResult:
-    """Median step time of one variant, timed alone (with its peak memory on CUDA); with
-    ``profile``, two more steps under the profiler give its top operators."""
+    """Median step time of one variant, timed alone, with its peak memory (on CUDA over the
+    timed steps, on the CPU see :func:`_prepare_warm`); with ``profile``, two more steps under
+    the profiler give its top operators."""
     device = settings.device
-    step, flops = prepare_train_step(size, variant, settings)
+    step, flops, peak = _prepare_warm(size, variant, settings, warmup)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     faults: list[int] = []
     host: list[float] = []
-    times = _time(step, device, warmup, steps, faults, host)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    times = _time(step, device, 0, steps, faults, host)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
     result = _result(size, variant, settings, times, flops, peak, faults, host)
     result.profile = profile_step(step, device) if profile else None
     return result
@@ -356,21 +393,20 @@ def bench_train_steps_interleaved(
     profile: bool = False,
 ) -> list[StepResult]:
     """Median step times of all variants, timed round-robin (one step of each in turn), so slow
-    drift of a shared or throttled machine hits every variant alike. No per-variant peak memory.
+    drift of a shared or throttled machine hits every variant alike. Peak memory on the CPU
+    only (:func:`_prepare_warm`; on CUDA the variants' tensors share the device's statistics).
     """
     device = settings.device
-    prepared = {v: prepare_train_step(size, v, settings) for v in variants}
-    for step, _ in prepared.values():
-        _time(step, device, warmup, 0)
+    prepared = {v: _prepare_warm(size, v, settings, warmup) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
     faults: dict[str, list[int]] = {v: [] for v in variants}
     host: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(steps):
-        for v, (step, _) in prepared.items():
+        for v, (step, *_) in prepared.items():
             times[v] += _time(step, device, 0, 1, faults[v], host[v])
     results = []
-    for v, (step, flops) in prepared.items():
-        result = _result(size, v, settings, times[v], flops, None, faults[v], host[v])
+    for v, (step, flops, peak) in prepared.items():
+        result = _result(size, v, settings, times[v], flops, peak, faults[v], host[v])
         result.profile = profile_step(step, device) if profile else None
         results.append(result)
     return results
@@ -744,7 +780,7 @@ def run(
                 f"{r['images_per_s']:9.1f} img/s "
                 f"{r['step_ms']:8.2f} ms"
                 + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "")
-                + (f"  peak {r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] else "")
+                + (f"  peak {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] else "")
                 + (f"  host {r['host_ms']:.1f} ms" if r["host_ms"] is not None else "")
                 + _idle_text(r["profile"])
                 + (f"  {r['page_faults']:.0f} page faults" if device == "cpu" else "")
