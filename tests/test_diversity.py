@@ -617,8 +617,12 @@ def _stats_reference(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     )
 
 
-def test_fused_stats_equal_reference_and_autograd_stats() -> None:
-    """The hand-written backward equals plain autograd, incl. zero, clamped and bad rows."""
+@pytest.mark.parametrize("chunk_rows", [None, 3])  # None: one pass; 3: rows 0-2, then row 3
+def test_fused_stats_equal_reference_and_autograd_stats(monkeypatch, chunk_rows) -> None:
+    """The hand-written backward equals plain autograd, incl. zero, clamped and bad rows, in
+    one pass over the rows or in several (the CPU's cache-sized passes)."""
+    if chunk_rows:  # a float64 row of the (4, 3, 5) stack holds 120 bytes
+        monkeypatch.setattr("diversedit.losses.diversity.CHUNK_BYTES", chunk_rows * 120)
     g = torch.Generator().manual_seed(0)
 
     def blocks(x: torch.Tensor) -> list[torch.Tensor]:
@@ -666,6 +670,22 @@ def test_fused_stats_equal_reference_and_autograd_stats() -> None:
     (g_want,) = torch.autograd.grad(sum((t * w).sum() for t, w in zip(want, w2, strict=True)), xd)
     assert xb.grad.dtype == torch.bfloat16
     assert torch.allclose(xb.grad.double(), g_want, rtol=1e-2, atol=1e-2 * g_want.abs().max())
+
+
+def test_eager_statistics_hold_no_stack_sized_temporaries() -> None:
+    """On the CPU the eager statistics pass over the stack a range of rows at a time: forward
+    and backward hold the stack, its gradient and the blocks' gradients, and only range-sized
+    temporaries (one pass over all rows at once held a third stack-sized tensor)."""
+    from diversedit.bench import cpu_allocation_peak
+
+    feats = [torch.randn(4, 128, 256, requires_grad=True) for _ in range(12)]  # 6 MiB, 6 ranges
+
+    def run():
+        torch.autograd.grad(diversity_loss(feats, DiversityConfig())["loss"], feats)
+
+    run()  # index caches
+    _, peak = cpu_allocation_peak(run)
+    assert peak < 2.5 * sum(f.nbytes for f in feats)
 
 
 def test_eager_validity_is_exact_for_huge_finite_values() -> None:

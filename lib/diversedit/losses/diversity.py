@@ -251,6 +251,7 @@ class _Need(NamedTuple):
 
 
 _PROBE = 2.0**-64  # finite float32/64 values times this cannot overflow a column sum
+CHUNK_BYTES = 1 << 20  # rows of the stack per pass of the eager statistics on the CPU
 
 
 def _ieee(fn, *args: Tensor) -> Tensor:
@@ -273,7 +274,9 @@ class _FusedStats(torch.autograd.Function):
     reduction over a dim that is not the innermost is 2× slower on the CPU); pair cosines come
     from per-row block×block Gram matrices, whose diagonals are the row norms and which give
     the backward's radial term, so no row-normalised copy is made; the backward is one batched
-    product per row plus per-channel terms. Non-finite blocks are found by a probe sum that
+    product per row plus per-channel terms. The passes over the stack go a range of rows at a
+    time (:func:`_chunks`: on the CPU about 1 MiB, whose temporaries stay in cache and never
+    take a stack's size). Non-finite blocks are found by a probe sum that
     cannot overflow and are zeroed, so they get a zero gradient (on the CPU, where reading the
     check costs no device sync, the zeroing pass is skipped when every block is finite); only
     the zeroed stack is kept, in its own dtype. Sums and products run in float32 (float64 for
@@ -307,9 +310,20 @@ class _FusedStats(torch.autograd.Function):
 
         mu = (torch.where(valid[:, None], total, 0) / rows).to(dtype) if need.mu else none()
         cos, fmean, inv, gram = none(), none(), none(), none()
+        l1, l2 = xw.new_zeros(1, nb * d), xw.new_zeros(1, nb * d)  # sums over the row ranges
+        if need.cos:
+            gram = xw.new_empty(rows, nb, nb)
+        with allow_tf32(False):  # the passes over the stack: products and the column norms
+            for part in _chunks(xw):
+                xs = xw[part]
+                if need.cos:  # one (B, B) Gram matrix per row; its diagonal holds the row norms²
+                    torch.bmm(xs, xs.transpose(1, 2), out=gram[part])
+                if need.cols:
+                    mag = xs.abs().view(len(xs), nb * d)
+                    l1 += torch.mm(lhs[1:, part], mag)
+                    l2 += torch.mm(lhs[1:, part], mag.square_())
         if need.cos or need.fmean:
-            if need.cos:  # one (B, B) Gram matrix per row; its diagonal holds the row norms²
-                gram = _ieee(torch.bmm, xw, xw.transpose(1, 2))
+            if need.cos:
                 norm = gram.diagonal(dim1=1, dim2=2).sqrt()
             else:
                 norm = torch.linalg.vector_norm(xw, dim=-1)
@@ -320,12 +334,7 @@ class _FusedStats(torch.autograd.Function):
                 cos = ((gram * scale[:, :, None]) * scale[:, None, :]).sum(dim=0) / rows
             if need.fmean:
                 fmean = _ieee(torch.bmm, scale.T[:, None] / rows, xw.transpose(0, 1)).squeeze(1)
-        l1 = l2 = none()
-        if need.cols:
-            mag = xw.abs().view(rows, nb * d)
-            l1 = _ieee(torch.mm, lhs[1:], mag).view(nb, d)
-            l2 = _ieee(torch.mm, lhs[1:], mag.square_()).view(nb, d).sqrt()
-            del mag
+        l1, l2 = (l1.view(nb, d), l2.view(nb, d).sqrt()) if need.cols else (none(), none())
         ctx.save_for_backward(x, inv, gram, l2, valid)
         return valid, mu, cos.to(dtype), fmean.to(dtype), l1.to(dtype), l2.to(dtype)
 
@@ -345,36 +354,51 @@ class _FusedStats(torch.autograd.Function):
             g.to(wide) * keep if g.numel() else g for g in (g_mu, g_fmean, g_l1, g_l2)
         )
         g_cos = g_cos.to(wide) * keep * keep.T if g_cos.numel() else g_cos
+        mix = coef = scale = None
         if need.cos or need.fmean:
-            xw = x.to(wide)
             # with f̂ = s·x (s = 1/‖x‖, or 1/eps on clamped rows) and g = ∂L/∂f̂ per row:
             # ∂L/∂x = s·g − s²·⟨g, f̂⟩·x on unclamped rows, s·g on clamped ones
             scale = inv.abs().to(wide)
             radial = torch.zeros_like(scale)  # ⟨g, f̂⟩ per row
-            mix = None
             if need.cos:  # g_b = Σ_a (g_ba + g_ab)/M·f̂_a: one (B, B) product per row
                 g_sym = (g_cos + g_cos.T) / rows
                 mix = (scale[:, :, None] * g_sym) * scale[:, None, :]  # (M, b, a)
                 radial += (mix * gram).sum(dim=-1)  # gram is symmetric
             if need.fmean:  # g_b += g_fmean_b/M
+                xw = x.to(wide)
                 dots = _ieee(torch.bmm, xw.transpose(0, 1), g_fmean[:, :, None]).squeeze(-1)
                 radial += scale * dots.T / rows
             coef = torch.where(inv > 0, -(scale * radial) * scale, 0.0)
-            if mix is None:
-                grad = xw * coef[..., None]
-            else:  # the radial term is diagonal in the blocks: part of the same product
+            if mix is not None:  # the radial term is diagonal in the blocks: the same product
                 mix.diagonal(dim1=1, dim2=2).add_(coef)
-                grad = _ieee(torch.bmm, mix, xw)
-            if need.fmean:
-                grad.addcmul_(scale[..., None], g_fmean / rows)
-        else:
-            grad = torch.zeros(x.shape, dtype=wide, device=x.device)
-        if need.mu:
-            grad.add_(g_mu / rows)
         if need.cols:
-            grad.addcmul_(torch.sign(x), g_l1)
-            grad.addcmul_(x, torch.where(l2 > 0, g_l2 / l2, 0.0))  # l2: saved in the wide dtype
+            g_l2 = torch.where(l2 > 0, g_l2 / l2, 0.0)  # l2: saved in the wide dtype
+        grad = torch.empty(x.shape, dtype=wide, device=x.device)
+        with allow_tf32(False):  # the passes over the stack, a range of rows at a time
+            for part in _chunks(x):
+                xs, out = x[part].to(wide), grad[part]
+                if mix is not None:
+                    torch.bmm(mix[part], xs, out=out)
+                elif coef is not None:
+                    torch.mul(xs, coef[part, :, None], out=out)
+                else:
+                    out.zero_()
+                if need.fmean:
+                    out.addcmul_(scale[part, :, None], g_fmean / rows)
+                if need.mu:
+                    out.add_(g_mu / rows)
+                if need.cols:
+                    out.addcmul_(torch.sign(xs), g_l1).addcmul_(xs, g_l2)
         return grad.to(x.dtype)
+
+
+def _chunks(x: Tensor) -> list[slice]:
+    """Row ranges of a stack, one pass of the statistics each: on the CPU about
+    :data:`CHUNK_BYTES` of the stack, so that a range's products, temporaries and gradient
+    stay in cache between the operations on it; on a GPU all rows at once (one launch each)."""
+    rows = x.shape[0]
+    step = max(1, CHUNK_BYTES // x[0].nbytes) if _host_readable(x) else max(rows, 1)
+    return [slice(i, i + step) for i in range(0, rows, step)]
 
 
 def _row_stack(blocks: list[Tensor]) -> Tensor:
