@@ -373,6 +373,7 @@ class _FusedStats(torch.autograd.Function):
                 mix.diagonal(dim1=1, dim2=2).add_(coef)
         if need.cols:
             g_l2 = torch.where(l2 > 0, g_l2 / l2, 0.0)  # l2: saved in the wide dtype
+        g_mu, g_fmean = g_mu / rows, g_fmean / rows  # the means' share of each row
         grad = torch.empty(x.shape, dtype=wide, device=x.device)
         with allow_tf32(False):  # the passes over the stack, a range of rows at a time
             for part in _chunks(x):
@@ -384,9 +385,9 @@ class _FusedStats(torch.autograd.Function):
                 else:
                     out.zero_()
                 if need.fmean:
-                    out.addcmul_(scale[part, :, None], g_fmean / rows)
+                    out.addcmul_(scale[part, :, None], g_fmean)
                 if need.mu:
-                    out.add_(g_mu / rows)
+                    out.add_(g_mu)
                 if need.cols:
                     out.addcmul_(torch.sign(xs), g_l1).addcmul_(xs, g_l2)
         return grad.to(x.dtype)
