@@ -276,12 +276,12 @@ class _FusedStats(torch.autograd.Function):
     the backward's radial term, so no row-normalised copy is made; the backward is one batched
     product per row plus per-channel terms. The passes over the stack go a range of rows at a
     time (:func:`_chunks`: on the CPU about 1 MiB, whose temporaries stay in cache and never
-    take a stack's size). Non-finite blocks are found by a probe sum that
-    cannot overflow and are zeroed, so they get a zero gradient (on the CPU, where reading the
-    check costs no device sync, the zeroing pass is skipped when every block is finite); only
-    the zeroed stack is kept, in its own dtype. Sums and products run in float32 (float64 for
-    float64 input) outside autocast; a 16-bit ``dtype`` rounds the row norms (so eps
-    underflows as in half-precision code) and the statistics, and the gradient is rounded once.
+    take a stack's size). Non-finite blocks are found by a probe sum that cannot overflow and
+    are zeroed, so they get a zero gradient (on the CPU, where reading the check costs no
+    device sync, the zeroing pass is skipped when every block is finite); only the zeroed
+    stack is kept, in its own dtype. Sums and products run in float32 (float64 for float64
+    input) outside autocast; a 16-bit ``dtype`` rounds the row norms (so eps underflows as in
+    half-precision code) and the statistics, and the gradient is rounded once.
     """
 
     @staticmethod
@@ -398,7 +398,9 @@ def _chunks(x: Tensor) -> list[slice]:
     :data:`CHUNK_BYTES` of the stack, so that a range's products, temporaries and gradient
     stay in cache between the operations on it; on a GPU all rows at once (one launch each)."""
     rows = x.shape[0]
-    step = max(1, CHUNK_BYTES // x[0].nbytes) if _host_readable(x) else max(rows, 1)
+    if not (_host_readable(x) and rows):
+        return [slice(0, rows)]
+    step = max(1, CHUNK_BYTES // x[0].nbytes)
     return [slice(i, i + step) for i in range(0, rows, step)]
 
 
