@@ -674,11 +674,11 @@ def test_fused_stats_equal_reference_and_autograd_stats(monkeypatch, chunk_rows)
 
 def test_eager_statistics_hold_no_stack_sized_temporaries() -> None:
     """On the CPU the eager statistics pass over the stack a range of rows at a time: forward
-    and backward hold the stack, its gradient and the blocks' gradients, and only range-sized
-    temporaries (one pass over all rows at once held a third stack-sized tensor)."""
+    and backward hold the stack and its gradient (the blocks' gradients are views of it) and
+    only range-sized temporaries (one pass over all rows at once held a third stack's size)."""
     from diversedit.bench import cpu_allocation_peak
 
-    feats = [torch.randn(4, 128, 256, requires_grad=True) for _ in range(12)]  # 6 MiB, 6 ranges
+    feats = [torch.randn(4, 128, 256, requires_grad=True) for _ in range(12)]  # 6 MiB, 7 ranges
 
     def run():
         torch.autograd.grad(diversity_loss(feats, DiversityConfig())["loss"], feats)
