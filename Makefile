@@ -45,17 +45,19 @@ bench: setup
 # tests and the benchmark records for results/bench/. Each part has its own time limit, so a
 # hang costs one part, not the rest; the newest questions first (NOTES entry 28). The GPU's
 # clocks, power and temperature are logged twice a second meanwhile (clocks.csv; the logger
-# stops at the end, or after 800 s if the run is cut). First the CUDA test of the trainer's
+# stops at the end, or after 900 s if the run is cut). First the CUDA test of the trainer's
 # defaults (the Triton statistics and update, compiled sampling); then XL/2 compiled steps
 # with those defaults, with each step's host time: the long residuals cost 8% more kernel time
 # but 24% more wall clock in session 15, a GPU left idle, each time timed after SiT in the same
-# process, so now round-robin (`--interleave`: a GPU warming up or throttling slows every
-# variant alike; `diversedit overhead` reads the rounds back; `--profile` finds where in the
-# step the GPU idles and what the host ran meanwhile, `gpu_idle` in the JSON); the same
-# steps as CUDA graphs (`reduce-overhead`), which take the host out of the step, and with
-# Inductor's C++ wrapper (`TORCHINDUCTOR_CPP_WRAPPER=1`, recorded in the JSON's machine block),
-# which shortens it; batch 64 for MFU; the other CUDA tests (passed in session 15) last. The
-# parts' limits add up to 760 s, more than one 10-minute device call, so they may be cut.
+# process and after SiT's profile, which may have left CUPTI attached (NOTES entry 37), so now
+# round-robin, all rounds before any profile (`--interleave`: a GPU warming up or throttling
+# slows every variant alike; `diversedit overhead` reads the rounds back; `--profile` finds
+# where in the step the GPU idles and what the host ran meanwhile, `gpu_idle` in the JSON);
+# session 15's sequential profiled run again, now that profiles detach CUPTI when they end;
+# batch 64 for MFU; the steps as CUDA graphs (`reduce-overhead`), which take the host out of
+# the step, and with Inductor's C++ wrapper (`TORCHINDUCTOR_CPP_WRAPPER=1`, recorded in the
+# JSON's machine block), which shortens it; the other CUDA tests (passed in session 15) last.
+# The parts' limits add up to 870 s, more than one 10-minute device call, so they may be cut.
 GPU_PY  ?= $(BIN)/python
 GPU_OUT ?= results/bench/gpu-check
 BENCH   := $(GPU_PY) -m diversedit bench --device cuda --batch 32 --steps 10
@@ -64,18 +66,20 @@ CLOCKS  := timestamp,clocks.sm,clocks.max.sm,power.draw,temperature.gpu,utilizat
 gpu-check:
 	mkdir -p $(GPU_OUT)
 	nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $(GPU_OUT)/gpu.txt
-	timeout 800 nvidia-smi --format=csv -lms 500 --query-gpu=$(CLOCKS) \
+	timeout 900 nvidia-smi --format=csv -lms 500 --query-gpu=$(CLOCKS) \
 		> $(GPU_OUT)/clocks.csv 2>&1 & echo $$! > $(GPU_OUT)/clocks.pid
 	-timeout 150 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "digits" \
 		tests/test_gpu.py 2>&1 | tee $(GPU_OUT)/tests_defaults.log
 	-timeout 110 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversedit $(DEFAULTS) \
 		--interleave --parts train --profile --out $(GPU_OUT)/xl_compiled_triton.json
+	-timeout 110 $(BENCH) --sizes XL/2 --variants sit,long_skip $(DEFAULTS) --no-interleave \
+		--parts train --profile --out $(GPU_OUT)/xl_sequential_profiled.json
+	-timeout 80 $(BENCH) --sizes XL/2 --variants sit,diversedit --batch 64 $(DEFAULTS) \
+		--parts train --out $(GPU_OUT)/xl_b64.json
 	-timeout 150 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversedit $(DEFAULTS) \
 		--compile-mode reduce-overhead --parts train --out $(GPU_OUT)/xl_cudagraphs.json
 	-TORCHINDUCTOR_CPP_WRAPPER=1 timeout 120 $(BENCH) --sizes XL/2 --variants sit,long_skip \
 		$(DEFAULTS) --parts train --out $(GPU_OUT)/xl_cpp_wrapper.json
-	-timeout 80 $(BENCH) --sizes XL/2 --variants sit,diversedit --batch 64 $(DEFAULTS) \
-		--parts train --out $(GPU_OUT)/xl_b64.json
 	-timeout 150 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "(cuda or gpu) and not digits" \
 		tests/test_gpu.py tests/test_diversity.py 2>&1 | tee $(GPU_OUT)/tests.log
 	-kill $$(cat $(GPU_OUT)/clocks.pid) && rm $(GPU_OUT)/clocks.pid

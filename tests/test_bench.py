@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -53,6 +54,8 @@ def test_bench_cli_writes_json(tmp_path):
     assert [r["impl"] for r in loss] == ["fused", "autograd", "compiled"]
     assert all(r["fwd_bwd_ms"] > 0 and r["blocks"] == 12 for r in loss)
     assert all(r["profile"]["top"] for r in loss)
+    detaches = os.environ.get("TEARDOWN_CUPTI", "1") == "1"  # the profiles' CUPTI teardown
+    assert report["settings"]["profile_detaches_cupti"] is detaches
     (update,) = report["optimizer"]
     assert update["params"] > 0 and update["tensors"] > 1
     assert all(v > 0 for k, v in update.items() if k.endswith("_ms")), update
@@ -132,6 +135,34 @@ def test_host_time_is_the_time_to_return(monkeypatch):
     assert cuda.host_ms == pytest.approx(20.0) and cuda.step_ms == pytest.approx(50.0)
     cpu = bench._result(*args, bench.StepSettings(), steps, None, None, faults, launches)
     assert cpu.host_ms is None
+
+
+def test_profiles_detach_cupti_when_they_end(monkeypatch):
+    """A profile ends with ``TEARDOWN_CUPTI=1`` (Kineto then detaches CUPTI, which otherwise
+    can slow every step timed after it in the process), unless the environment, or torch during
+    the profile, chose a value; the variable is left as it was found."""
+    import torch
+
+    from diversedit import bench
+
+    seen = []
+    real_exit = torch.profiler.profile.__exit__
+
+    def exit_spy(self, *args):
+        seen.append(os.environ.get("TEARDOWN_CUPTI"))
+        return real_exit(self, *args)
+
+    monkeypatch.setattr(torch.profiler.profile, "__exit__", exit_spy)
+    monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
+    assert bench.profile_step(lambda: torch.ones(4).sum(), "cpu", steps=1)["top"]
+    assert seen == ["1"] and "TEARDOWN_CUPTI" not in os.environ
+    with bench.cupti_teardown():  # torch's own choice during a profile (CUDA graphs) stays
+        os.environ["TEARDOWN_CUPTI"] = "0"
+    assert os.environ.pop("TEARDOWN_CUPTI") == "0"
+    monkeypatch.setenv("TEARDOWN_CUPTI", "0")  # the user's choice, kept and recorded
+    bench.profile_step(lambda: torch.ones(4).sum(), "cpu", steps=1)
+    assert seen == ["1", "0"] and os.environ["TEARDOWN_CUPTI"] == "0"
+    assert bench.machine()["torch_env"]["TEARDOWN_CUPTI"] == "0"
 
 
 def test_compiled_sampler_bench_times_it_against_eager(monkeypatch, capsys):
@@ -393,6 +424,8 @@ def test_gpu_check_commands_parse(tmp_path, monkeypatch):
     assert {kwargs["update"] for _, kwargs in calls} == {"triton"}  # the trainer's bf16 default
     assert {kwargs["compile_mode"] for _, kwargs in calls} == {"default", "reduce-overhead"}
     assert calls[0][1]["interleave"] is True  # the long-skip question, in paired rounds
+    # session 15's sequential profiled timing again, its profiles now detaching CUPTI
+    assert calls[1][1]["interleave"] is False and calls[1][1]["profile"] is True
 
 
 def test_gpu_check_test_selections_collect_tests():

@@ -268,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench.add_argument(
         "--profile",
         action="store_true",
-        help="record where each training variant and loss implementation spends its time",
+        help="record where each training variant and loss implementation spends its time "
+        "(after its timing; each profile detaches CUPTI when it ends)",
     )
     bench.add_argument(
         "--interleave",

@@ -14,7 +14,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import product
@@ -144,7 +145,7 @@ def profile_step(
 
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with cupti_teardown(), profile(activities=activities) as prof:
         for _ in range(steps):
             fn()
         if cuda:
@@ -164,6 +165,23 @@ def profile_step(
     if cuda:
         out.update(gpu_timeline(prof.events(), steps))
     return out
+
+
+@contextmanager
+def cupti_teardown() -> Iterator[None]:
+    """``TEARDOWN_CUPTI=1`` while a profile runs, unless the environment (or torch, for CUDA
+    graphs on old CUDA) sets it: Kineto then detaches CUPTI when the profile ends. Without it,
+    some Kineto versions leave CUPTI attached, and every step timed later in the process runs
+    slower (pytorch/pytorch#144455; NOTES entry 37). Kineto reads the variable when a profile
+    stops; no effect on the CPU."""
+    mine = "TEARDOWN_CUPTI" not in os.environ
+    if mine:
+        os.environ["TEARDOWN_CUPTI"] = "1"
+    try:
+        yield
+    finally:
+        if mine and os.environ.get("TEARDOWN_CUPTI") == "1":
+            del os.environ["TEARDOWN_CUPTI"]
 
 
 def gpu_timeline(events: Sequence[Any], steps: int) -> dict[str, Any]:
@@ -615,9 +633,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-# Environment variables that change how torch compiles or allocates (``TORCHINDUCTOR_CPP_WRAPPER``
-# and the like): recorded with the machine, since they change the timings but no flag shows them.
-TORCH_ENV = ("TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE", "PYTORCH_CUDA_ALLOC_CONF")
+# Environment variables that change how torch compiles, allocates or profiles
+# (``TORCHINDUCTOR_CPP_WRAPPER`` and the like): recorded with the machine, since they change the
+# timings but no flag shows them.
+TORCH_ENV = (
+    "TORCHINDUCTOR_", "TORCHDYNAMO_", "TORCH_COMPILE", "PYTORCH_CUDA_ALLOC_CONF", "TEARDOWN_CUPTI",
+)  # fmt: skip
 
 
 def machine() -> dict[str, Any]:
@@ -733,6 +754,7 @@ def run(
         "compile_mode": compile_mode if compile_model else None,
         "compile_scope": compile_scope if compile_model else None, "steps": steps,
         "interleave": interleave, "parts": list(parts), "profile": profile,
+        "profile_detaches_cupti": os.environ.get("TEARDOWN_CUPTI", "1") == "1" if profile else None,
         "diversity_triton": diversity_triton, "update": update,
         "keep_freed_memory": torch.device(device).type == "cpu" and keep_freed_memory(),
         "warmup": WARMUP, "gpu_only": list(GPU_ONLY),
