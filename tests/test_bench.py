@@ -91,6 +91,35 @@ def test_cpu_allocation_peak_counts_what_is_held_at_once():
     assert alone.peak_mem_gib > 5 * _param_bytes("sit") / 2**30
 
 
+def test_cpu_allocation_peak_ignores_garbage_of_earlier_profiles():
+    """A block allocated under an earlier memory profile and left in a reference cycle is
+    freed before the window opens, not inside it, where its free would lower the peak."""
+    import gc
+
+    import torch
+
+    from diversedit import bench
+
+    class Node:
+        pass
+
+    def leave_a_cycle():
+        node = Node()
+        node.self, node.block = node, torch.empty(1 << 22)  # 16 MiB, garbage once we return
+
+    def fn():
+        gc.collect()  # a collection inside the window, as one may start at any allocation
+        return torch.empty(1 << 20)
+
+    gc.disable()
+    try:
+        bench.cpu_allocation_peak(leave_a_cycle)
+        _, peak = bench.cpu_allocation_peak(fn)
+    finally:
+        gc.enable()
+    assert peak == 4 * 2**20
+
+
 def test_records_describe_themselves(tmp_path, capsys, monkeypatch):
     """Warm-up, variants, the sampler's own batch and repeats, CUDA-only fields, the CPU and
     torch's settings from the environment; the sampler is printed too."""
@@ -139,8 +168,8 @@ def test_host_time_is_the_time_to_return(monkeypatch):
 
 def test_profiles_detach_cupti_when_they_end(monkeypatch):
     """A profile ends with ``TEARDOWN_CUPTI=1`` (Kineto then detaches CUPTI, which otherwise
-    can slow every step timed after it in the process), unless the environment, or torch during
-    the profile, chose a value; the variable is left as it was found."""
+    can slow every step timed after it in the process), left set for the process; a value the
+    user (or torch) chose is kept and recorded with the machine."""
     import torch
 
     from diversedit import bench
@@ -153,13 +182,11 @@ def test_profiles_detach_cupti_when_they_end(monkeypatch):
         return real_exit(self, *args)
 
     monkeypatch.setattr(torch.profiler.profile, "__exit__", exit_spy)
-    monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
+    monkeypatch.setenv("TEARDOWN_CUPTI", "")  # so that the test's end restores its absence
+    monkeypatch.delenv("TEARDOWN_CUPTI")
     assert bench.profile_step(lambda: torch.ones(4).sum(), "cpu", steps=1)["top"]
-    assert seen == ["1"] and "TEARDOWN_CUPTI" not in os.environ
-    with bench.cupti_teardown():  # torch's own choice during a profile (CUDA graphs) stays
-        os.environ["TEARDOWN_CUPTI"] = "0"
-    assert os.environ.pop("TEARDOWN_CUPTI") == "0"
-    monkeypatch.setenv("TEARDOWN_CUPTI", "0")  # the user's choice, kept and recorded
+    assert seen == ["1"] and os.environ["TEARDOWN_CUPTI"] == "1"
+    monkeypatch.setenv("TEARDOWN_CUPTI", "0")
     bench.profile_step(lambda: torch.ones(4).sum(), "cpu", steps=1)
     assert seen == ["1", "0"] and os.environ["TEARDOWN_CUPTI"] == "0"
     assert bench.machine()["torch_env"]["TEARDOWN_CUPTI"] == "0"

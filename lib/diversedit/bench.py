@@ -9,13 +9,13 @@ description recorded beside it.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import product
@@ -145,7 +145,8 @@ def profile_step(
 
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with cupti_teardown(), profile(activities=activities) as prof:
+    detach_cupti_after_profiles()
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             fn()
         if cuda:
@@ -167,21 +168,13 @@ def profile_step(
     return out
 
 
-@contextmanager
-def cupti_teardown() -> Iterator[None]:
-    """``TEARDOWN_CUPTI=1`` while a profile runs, unless the environment (or torch, for CUDA
-    graphs on old CUDA) sets it: Kineto then detaches CUPTI when the profile ends. Without it,
-    some Kineto versions leave CUPTI attached, and every step timed later in the process runs
-    slower (pytorch/pytorch#144455; NOTES entry 37). Kineto reads the variable when a profile
-    stops; no effect on the CPU."""
-    mine = "TEARDOWN_CUPTI" not in os.environ
-    if mine:
-        os.environ["TEARDOWN_CUPTI"] = "1"
-    try:
-        yield
-    finally:
-        if mine and os.environ.get("TEARDOWN_CUPTI") == "1":
-            del os.environ["TEARDOWN_CUPTI"]
+def detach_cupti_after_profiles() -> None:
+    """Set ``TEARDOWN_CUPTI=1`` for the process unless it is set (by the user, or by torch for
+    CUDA graphs on old CUDA): Kineto then detaches CUPTI when a profile ends. Without it, some
+    Kineto versions leave CUPTI attached, and every step timed later in the process runs slower
+    (pytorch/pytorch#144455; NOTES entry 37). Left set, since Kineto reads it when a profile
+    stops and again after the teardown; no effect on the CPU."""
+    os.environ.setdefault("TEARDOWN_CUPTI", "1")
 
 
 def gpu_timeline(events: Sequence[Any], steps: int) -> dict[str, Any]:
@@ -210,9 +203,12 @@ def _idle_text(profile: dict[str, Any] | None) -> str:
 def cpu_allocation_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
     """``fn()`` and the most bytes of CPU tensor memory it held at once, beyond what was
     allocated when it began: the running sum of the profiler's allocation and free events
-    (every call of the CPU allocator, in bytes asked for)."""
+    (every call of the CPU allocator, in bytes asked for). The profiler remembers the size of
+    every block allocated under an earlier memory profile, so freeing one counts here too:
+    garbage such a profile left in reference cycles is collected before this one begins."""
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
