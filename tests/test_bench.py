@@ -132,6 +132,7 @@ def test_records_describe_themselves(tmp_path, capsys, monkeypatch):
     settings, machine = report["settings"], report["machine"]
     assert settings["warmup"]["train"] == 3 and settings["warmup"]["sampler"] == 1
     assert settings["gpu_only"] == ["flops_per_step", "mfu", "host_ms"]
+    assert settings["mfu_peak_flops"] is settings["mfu_peak_from"] is None  # no MFU on a CPU
     repa = settings["variants"]["repa"]
     assert "repa" in repa["objective"] and "stand-in" in repa["note"]
     assert settings["variants"]["sit"] == {"model": {}, "objective": {}}
@@ -156,7 +157,6 @@ def test_host_time_is_the_time_to_return(monkeypatch):
     host: list[float] = []
     times = bench._time(lambda: time.sleep(0.002), "cpu", 1, 3, host=host)
     assert len(host) == 3 and all(0.002 <= h <= t for h, t in zip(host, times, strict=True))
-    monkeypatch.setattr(bench, "_peak_flops", lambda device: None)
     args = ("tiny", "sit")
     steps, faults, launches = [0.05, 0.04, 0.06], [0, 0, 0], [0.01, 0.03, 0.02]
     cuda = bench._result(*args, bench.StepSettings(device="cuda"), steps, None, 1.0, faults,
@@ -164,6 +164,78 @@ def test_host_time_is_the_time_to_return(monkeypatch):
     assert cuda.host_ms == pytest.approx(20.0) and cuda.step_ms == pytest.approx(50.0)
     cpu = bench._result(*args, bench.StepSettings(), steps, None, None, faults, launches)
     assert cpu.host_ms is None
+
+
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989),  # SXM
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H100 NVL", 835),
+        ("NVIDIA H200", 989),
+        ("NVIDIA H200 NVL", 835),
+        ("NVIDIA GH200 480GB", 989),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA A100 80GB PCIe", 312),
+        ("NVIDIA B200", 2250),
+        ("NVIDIA L40S", 362),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_mfu_peak_by_gpu_name(name, tflops):
+    """Each board's dense bf16 peak: an H100 PCIe or NVL is not reckoned against the SXM's."""
+    from diversedit.bench import bf16_peak
+
+    assert bf16_peak(name) == (tflops and pytest.approx(tflops * 1e12))
+
+
+def test_mfu_is_reckoned_against_the_settings_peak(monkeypatch):
+    """MFU = FLOPs per step / median step time / the settings' peak; none without a peak, and
+    a CUDA step's peak comes from its GPU's name unless given."""
+    import torch
+
+    from diversedit import bench
+
+    steps = [0.05, 0.04, 0.06]
+    given = bench.StepSettings(device="cuda", peak_flops=1e12)
+    result = bench._result("tiny", "sit", given, steps, 1e10, None, [0, 0, 0], steps)
+    assert result.mfu == pytest.approx(1e10 / 0.05 / 1e12)
+    assert bench._result("tiny", "sit", bench.StepSettings(device="cuda"), steps, 1e10, None,
+                         [0, 0, 0], steps).mfu is None  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert bench.StepSettings(device="cuda").peak_flops == pytest.approx(756e12)
+    assert bench.StepSettings(device="cuda", peak_flops=5e14).peak_flops == 5e14
+    assert bench.StepSettings(device="cpu").peak_flops is None
+
+
+@pytest.mark.parametrize(
+    ("given", "peak", "source"),
+    [(None, 756e12, "the GPU's name"), (500.0, 500e12, "--peak-tflops")],
+)
+def test_records_say_what_mfu_is_reckoned_against(given, peak, source, capsys, monkeypatch):
+    """A CUDA record names its MFU's peak and where it came from (nothing is timed: no parts);
+    a GPU the table lacks, given no peak, is told how to give one."""
+    import torch
+
+    from diversedit import bench
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    kw = dict(device="cuda", batch=2, dtype=None, compile_model=False, out=None, parts=[])
+    settings = bench.run(["tiny"], ["sit"], peak_tflops=given, **kw)["settings"]
+    assert (settings["mfu_peak_flops"], settings["mfu_peak_from"]) == (pytest.approx(peak), source)
+    assert "MFU left out" not in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
+    settings = bench.run(["tiny"], ["sit"], peak_tflops=given, **kw)["settings"]
+    if given is None:
+        assert settings["mfu_peak_flops"] is settings["mfu_peak_from"] is None
+        assert "no dense bf16 peak known for 'NVIDIA L4' (give it with --peak-tflops)" in (
+            capsys.readouterr().out
+        )
+    else:
+        assert settings["mfu_peak_flops"] == pytest.approx(peak)
 
 
 def test_profiles_detach_cupti_when_they_end(monkeypatch):
@@ -385,6 +457,9 @@ def test_median_interval_order_statistics_and_coverage():
         (["--parts", "loss,speed"], "unknown bench parts ['speed']; choose from train, loss"),
         (["--device", "gpu"], "--device gpu: not a device; choose cpu, cuda or cuda:N"),
         (["--device", "cuda"], "--device cuda: no CUDA device is available"),
+        (["--peak-tflops", "989"], "--peak-tflops: MFU is measured on CUDA only, not on cpu"),
+        (["--peak-tflops", "0"], "--peak-tflops must be a positive number, got 0.0"),
+        (["--peak-tflops", "nan"], "--peak-tflops must be a positive number, got nan"),
         (["--out", "/proc/none/b.json"], "--out /proc/none/b.json: "),  # not after the timing
     ],
 )

@@ -47,6 +47,7 @@ def _bench(args: argparse.Namespace) -> None:
         check_options(
             parts, args.compile_mode, args.compile_scope, sizes=sizes, variants=variants,
             device=args.device, diversity_triton=args.diversity_triton, update=args.update,
+            peak_tflops=args.peak_tflops,
         )  # fmt: skip
     except ValueError as err:
         raise UsageError(f"diversedit bench: {err}") from None
@@ -67,6 +68,7 @@ def _bench(args: argparse.Namespace) -> None:
         profile=args.profile,
         diversity_triton=args.diversity_triton,
         update=args.update,
+        peak_tflops=args.peak_tflops,
     )
 
 
@@ -284,6 +286,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "their own batches and repeats, recorded in the JSON; FLOPs and MFU are measured on "
         "CUDA only, peak memory on CUDA when variants are timed one after another and on the "
         "CPU always)",
+    )
+    bench.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the GPU's dense bf16 peak in TFLOP/s for MFU (default: from its name, for A100, "
+        "H100 SXM/PCIe/NVL, H200 SXM/NVL, B200 and L40S)",
     )
     bench.add_argument("--out", type=Path, default=None, help="JSON file to write")
     bench.set_defaults(func=_bench)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -55,8 +56,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 # A CPU-sized stand-in for the registry sizes (the CPU tier's scale).
 TINY = dict(depth=12, hidden_size=192, num_heads=3, input_size=16, patch_size=2, num_classes=10)
-# Dense bf16 tensor-core peak (FLOP/s) by device name fragment.
-BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks in FLOP/s from NVIDIA's datasheets, by a
+# fragment of the CUDA device name; the first fragment the name contains wins, so the PCIe and
+# NVL boards come before the SXM ones ("NVIDIA H100 80GB HBM3" is an H100 SXM).
+BF16_PEAK = (
+    ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H200 NVL", 835e12), ("H100", 989e12),
+    ("H200", 989e12), ("B200", 2.25e15), ("A100", 312e12), ("L40S", 362e12),
+)  # fmt: skip
 PARTS = ("train", "loss", "optimizer", "sampler", "inception")
 DEFAULT_PARTS = ("train", "loss", "sampler", "inception")  # optimizer: its compiled update
 # takes minutes to build on a CPU
@@ -72,7 +78,8 @@ SIZES = ("tiny", *(name.removeprefix("SiT-") for name in MODEL_NAMES))  # tiny, 
 class StepSettings:
     """How a training step is run: device, per-device batch, autocast dtype (None: bf16 on
     CUDA, fp32 elsewhere), compilation, whether the diversity statistics come from the Triton
-    kernels and whether the parameter update is the compiled one (:mod:`.update`)."""
+    kernels and whether the parameter update is the compiled one (:mod:`.update`); and the
+    dense bf16 peak (FLOP/s) its MFU is reckoned against (None: the GPU's, :func:`bf16_peak`)."""
 
     device: str = "cpu"
     batch: int = 32
@@ -82,11 +89,15 @@ class StepSettings:
     compile_scope: str = "model"
     diversity_triton: bool = False
     update: str = "library"
+    peak_flops: float | None = None
 
     def __post_init__(self) -> None:
+        cuda = torch.device(self.device).type == "cuda"
         if self.dtype is None:
-            cuda = torch.device(self.device).type == "cuda"
             object.__setattr__(self, "dtype", "bf16" if cuda else "fp32")
+        if self.peak_flops is None and cuda and torch.cuda.is_available():
+            peak = bf16_peak(torch.cuda.get_device_name(self.device))
+            object.__setattr__(self, "peak_flops", peak)
 
 
 @dataclass
@@ -261,11 +272,10 @@ def _time(
     return times
 
 
-def _peak_flops(device: str) -> float | None:
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in BF16_PEAK.items() if k in name), None)
+def bf16_peak(device_name: str) -> float | None:
+    """The dense bf16 peak in FLOP/s of a GPU named ``device_name`` (:data:`BF16_PEAK`), or
+    None for a GPU not listed there."""
+    return next((flops for fragment, flops in BF16_PEAK if fragment in device_name), None)
 
 
 def prepare_train_step(
@@ -341,8 +351,7 @@ def _result(
 ) -> StepResult:  # fmt: skip
     st = settings
     median = statistics.median(times)
-    peak_flops = _peak_flops(st.device)
-    mfu = flops / median / peak_flops if flops and peak_flops else None
+    mfu = flops / median / st.peak_flops if flops and st.peak_flops else None
     return StepResult(
         size, variant, st.device, st.dtype, st.batch, st.compile_model, st.batch / median,
         1e3 * median, peak, flops, mfu, diversity_triton=st.diversity_triton,
@@ -692,10 +701,12 @@ def _check_device(device: str) -> None:
 def check_options(
     parts: Sequence[str], compile_mode: str, compile_scope: str = "model", *,
     sizes: Sequence[str] = (), variants: Sequence[str] = (), device: str = "cpu",
-    diversity_triton: bool = False, update: str = "library",
+    diversity_triton: bool = False, update: str = "library", peak_tflops: float | None = None,
 ) -> None:  # fmt: skip
-    """ValueError for an unknown size, variant, part, device, compile mode, scope or update, or
-    Triton kernels on a device that cannot run them, before anything is built or timed."""
+    """ValueError for an unknown size, variant, part, device, compile mode, scope or update,
+    Triton kernels on a device that cannot run them, or a bf16 peak for MFU that is not a
+    positive number or is given for a CPU run (which has no MFU), before anything is built or
+    timed."""
     _check_choices("sizes", sizes, SIZES)
     _check_choices("variants", variants, tuple(VARIANTS))
     _check_choices("parts", parts, PARTS)
@@ -712,6 +723,11 @@ def check_options(
     ):
         if on and not triton_runs_on(torch.device(device)):
             raise ValueError(f"{flag} needs a CUDA device, not {device} (or TRITON_INTERPRET=1)")
+    if peak_tflops is not None:
+        if not (math.isfinite(peak_tflops) and peak_tflops > 0):
+            raise ValueError(f"--peak-tflops must be a positive number, got {peak_tflops!r}")
+        if torch.device(device).type != "cuda":
+            raise ValueError(f"--peak-tflops: MFU is measured on CUDA only, not on {device}")
 
 
 def run(
@@ -731,19 +747,27 @@ def run(
     profile: bool = False,
     diversity_triton: bool = False,
     update: str = "library",
+    peak_tflops: float | None = None,
 ) -> dict[str, Any]:
     """Benchmark ``parts`` (train, loss, optimizer, sampler, inception) for every size; writes
     the JSON after each measurement. ``interleave`` (default: on CPU) times the training variants
     round-robin instead of one after another. ``dtype`` None: bf16 on CUDA, fp32 elsewhere. On
-    the CPU, freed memory stays in the process as in CPU training (:mod:`.host_memory`)."""
+    the CPU, freed memory stays in the process as in CPU training (:mod:`.host_memory`).
+    ``peak_tflops``: the dense bf16 peak for MFU on a GPU that :data:`BF16_PEAK` lacks, or
+    another than the one it lists."""
     check_options(
         parts, compile_mode, compile_scope, sizes=sizes, variants=variants, device=device,
-        diversity_triton=diversity_triton, update=update,
+        diversity_triton=diversity_triton, update=update, peak_tflops=peak_tflops,
     )  # fmt: skip
     interleave = device == "cpu" if interleave is None else interleave
     step_settings = StepSettings(
-        device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton, update
+        device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton, update,
+        peak_tflops * 1e12 if peak_tflops else None,
     )  # fmt: skip
+    cuda = torch.device(device).type == "cuda"
+    if cuda and step_settings.peak_flops is None:
+        print(f"MFU left out: no dense bf16 peak known for {torch.cuda.get_device_name(device)!r}"
+              " (give it with --peak-tflops)", flush=True)  # fmt: skip
     dtype = step_settings.dtype
     settings = {
         "device": device, "batch": batch, "dtype": dtype, "compile": compile_model,
@@ -752,6 +776,9 @@ def run(
         "interleave": interleave, "parts": list(parts), "profile": profile,
         "profile_detaches_cupti": os.environ.get("TEARDOWN_CUPTI", "1") == "1" if profile else None,
         "diversity_triton": diversity_triton, "update": update,
+        "mfu_peak_flops": step_settings.peak_flops,
+        "mfu_peak_from": ("--peak-tflops" if peak_tflops else "the GPU's name")
+        if step_settings.peak_flops else None,
         "keep_freed_memory": torch.device(device).type == "cpu" and keep_freed_memory(),
         "warmup": WARMUP, "gpu_only": list(GPU_ONLY),
         "statistic": "median over the timed repeats (train: over steps; interleaved: rounds)",
