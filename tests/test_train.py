@@ -258,6 +258,57 @@ def test_every_method_option_reaches_model_and_loss(tmp_path, option, monkeypatc
         assert f'"{term}"' in (run / "log.jsonl").read_text()
 
 
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize(
+    "params", ["digits_diversedit.yaml", "digits_repa_diversedit.yaml", "digits_meanflow.yaml"]
+)
+def test_the_loop_reads_tensors_back_only_at_log_and_checkpoint_steps(
+    params, tmp_path, monkeypatch
+):
+    """On a GPU a tensor's value read on the host (``.item()``, ``bool(t)``, ``.cpu()``…) waits
+    for the device. The library's code reads none while a step runs, and the loop reads only at
+    its log and checkpoint steps; counted here on the CPU as if it were a device (the diversity
+    loss's CPU shortcuts off; the data pipeline, whose tensors are host data, not counted)."""
+    import diversedit.losses.diversity as div
+    from diversedit.train import Trainer
+
+    monkeypatch.setattr(div, "_host_readable", lambda t: False)
+    t = trainer(config(tmp_path, params, **{"optim.max_steps": 7, "logging.log_every": 3,
+                                            "checkpoint.every": 5}))  # fmt: skip
+    lib, data = ROOT / "lib" / "diversedit", ROOT / "lib" / "diversedit" / "data"
+    phase, reads = ["built"], []
+
+    def spy(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = Path(sys._getframe(1).f_code.co_filename)
+            if caller.is_relative_to(lib) and not caller.is_relative_to(data):
+                reads.append((phase[0], t.step, name, f"{caller.name}:{sys._getframe(1).f_lineno}"))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in HOST_READS:
+        spy(name)
+    micro_step = Trainer._micro_step
+
+    def in_step(self, *args):
+        phase[0] = "step"
+        try:
+            return micro_step(self, *args)
+        finally:
+            phase[0] = "loop"
+
+    monkeypatch.setattr(Trainer, "_micro_step", in_step)
+    t.fit()
+    assert t.step == 7
+    assert not [r for r in reads if r[0] == "step"], reads
+    assert {step for _, step, _, _ in reads} == {3, 5, 6, 7}, reads  # logs 3, 6, 7; saves 5, 7
+
+
 def test_two_process_ddp_resume_is_exact(tmp_path):
     """DDP across 2 CPU processes (gloo): sharded batches, gathered RNG states, exact resume."""
     torchrun = Path(sys.executable).with_name("torchrun")
