@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -494,6 +495,35 @@ def test_bench_run_checks_options_before_building(tmp_path, monkeypatch):
     assert not out.exists()
 
 
+def test_bench_refuses_to_interleave_more_state_than_memory(tmp_path, capsys, monkeypatch):
+    """Variants timed round-robin are all built at once: when their training state alone
+    (5 float32 copies of the parameters) exceeds the available memory, the command says so
+    and how to time them, exit status 2, before the first size is timed."""
+    from diversedit import bench
+
+    assert bench.training_state_bytes("tiny", "diversedit") == 5 * _param_bytes("diversedit")
+    xl = sum(bench.training_state_bytes("XL/2", v) for v in ("sit", "diversedit")) / 2**30
+    assert 25 < xl < 27  # 675M + 712M parameters, counted without allocating them
+    assert bench.available_memory("cpu") is None or bench.available_memory("cpu") > 0
+    monkeypatch.setattr(bench, "available_memory", lambda device: 2**30)
+    need = sum(bench.training_state_bytes("S/2", v) for v in ("sit", "diversedit")) / 2**30
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as err:  # tiny's 0.3 GiB fits, S/2's 1.3 GiB does not
+        main(["bench", "--sizes", "tiny,S/2", "--variants", "sit,diversedit", "--parts",
+              "train", "--steps", "1", "--batch", "2", "--out", str(out)])  # fmt: skip
+    assert err.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err == (
+        f"error: diversedit bench: --interleave: 2 S/2 variants built at once hold at least "
+        f"{need:.1f} GiB of training state (float32 parameters, gradients, AdamW moments, EMA) "
+        "and cpu has 1.0 GiB available; time them one after another (--no-interleave) or "
+        "fewer variants per run\n"
+    )
+    check = partial(bench.check_options, ["train"], "default", sizes=["XL/2"])
+    check(variants=["sit", "diversedit"], interleave=False)  # one at a time
+    check(variants=["sit"])  # one variant
+    bench.check_options(["loss"], "default", sizes=["XL/2"], variants=["sit", "diversedit"])
+
+
 def _gpu_check_recipe() -> tuple[list[str], list[str]]:
     """The Makefile's benchmark command (after the interpreter) and ``gpu-check``'s lines."""
     text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
@@ -515,6 +545,7 @@ def test_gpu_check_commands_parse(tmp_path, monkeypatch):
     base, recipe = _gpu_check_recipe()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(bench, "triton_runs_on", lambda device: True)
+    monkeypatch.setattr(bench, "available_memory", lambda device: 79 * 2**30)  # an H100's free
     calls = []
     monkeypatch.setattr(bench, "run", lambda *args, **kwargs: calls.append((args, kwargs)))
     lines = [line for line in recipe if "$(BENCH)" in line]

@@ -47,7 +47,7 @@ def _bench(args: argparse.Namespace) -> None:
         check_options(
             parts, args.compile_mode, args.compile_scope, sizes=sizes, variants=variants,
             device=args.device, diversity_triton=args.diversity_triton, update=args.update,
-            peak_tflops=args.peak_tflops,
+            peak_tflops=args.peak_tflops, interleave=args.interleave,
         )  # fmt: skip
     except ValueError as err:
         raise UsageError(f"diversedit bench: {err}") from None

@@ -128,6 +128,43 @@ def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, Object
     return model.train(), ObjectiveConfig(**obj_kw)
 
 
+def training_state_bytes(size: str, variant: str) -> int:
+    """Bytes of a variant's training state: float32 parameters, gradients, AdamW's two moments
+    and the EMA (a lower bound on what its step holds), counted on a model built on the meta
+    device, which allocates nothing."""
+    model, _ = build(size, variant, "meta")
+    return 5 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes the device can still allocate: free CUDA memory, or the host's ``MemAvailable``
+    (None where ``/proc/meminfo`` is missing)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    fields = (line.split() for line in text.splitlines())
+    kib = next((f[1] for f in fields if f[:1] == ["MemAvailable:"]), None)
+    return int(kib) * 1024 if kib else None
+
+
+def _check_interleaved_memory(sizes: Sequence[str], variants: Sequence[str], device: str) -> None:
+    """ValueError when the variants timed round-robin, all built at once, would need more
+    memory for their training state alone than the device has available."""
+    free = available_memory(device) if len(variants) > 1 else None
+    for size in sizes if free is not None else ():
+        need = sum(training_state_bytes(size, v) for v in variants)
+        if need > free:
+            raise ValueError(
+                f"--interleave: {len(variants)} {size} variants built at once hold at least "
+                f"{need / 2**30:.1f} GiB of training state (float32 parameters, gradients, AdamW "
+                f"moments, EMA) and {device} has {free / 2**30:.1f} GiB available; time them one "
+                "after another (--no-interleave) or fewer variants per run"
+            )
+
+
 # Kernel name fragments → class, first match wins (CUDA kernels; everything else is "other").
 KERNEL_CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "attention", "attn")),
@@ -702,11 +739,13 @@ def check_options(
     parts: Sequence[str], compile_mode: str, compile_scope: str = "model", *,
     sizes: Sequence[str] = (), variants: Sequence[str] = (), device: str = "cpu",
     diversity_triton: bool = False, update: str = "library", peak_tflops: float | None = None,
+    interleave: bool | None = None,
 ) -> None:  # fmt: skip
     """ValueError for an unknown size, variant, part, device, compile mode, scope or update,
-    Triton kernels on a device that cannot run them, or a bf16 peak for MFU that is not a
-    positive number or is given for a CPU run (which has no MFU), before anything is built or
-    timed."""
+    Triton kernels on a device that cannot run them, a bf16 peak for MFU that is not a
+    positive number or is given for a CPU run (which has no MFU), or training variants to be
+    timed round-robin (``interleave``, None: on a CPU) whose training state together exceeds
+    the device's available memory, before anything is built or timed."""
     _check_choices("sizes", sizes, SIZES)
     _check_choices("variants", variants, tuple(VARIANTS))
     _check_choices("parts", parts, PARTS)
@@ -728,6 +767,8 @@ def check_options(
             raise ValueError(f"--peak-tflops must be a positive number, got {peak_tflops!r}")
         if torch.device(device).type != "cuda":
             raise ValueError(f"--peak-tflops: MFU is measured on CUDA only, not on {device}")
+    if "train" in parts and (device == "cpu" if interleave is None else interleave):
+        _check_interleaved_memory(sizes, variants, device)
 
 
 def run(
@@ -758,6 +799,7 @@ def run(
     check_options(
         parts, compile_mode, compile_scope, sizes=sizes, variants=variants, device=device,
         diversity_triton=diversity_triton, update=update, peak_tflops=peak_tflops,
+        interleave=interleave,
     )  # fmt: skip
     interleave = device == "cpu" if interleave is None else interleave
     step_settings = StepSettings(
