@@ -524,6 +524,17 @@ def test_bench_refuses_to_interleave_more_state_than_memory(tmp_path, capsys, mo
     bench.check_options(["loss"], "default", sizes=["XL/2"], variants=["sit", "diversedit"])
 
 
+def test_optimizer_bench_holds_one_update_state_at_a_time():
+    """The optimizer part holds about five parameter-sized copies at most (parameters,
+    gradients, one update's AdamW moments and EMA), so XL/2 fits a 24 GiB CPU machine; it
+    held ten, and XL/2 was killed there."""
+    from diversedit import bench
+
+    copy = bench.training_state_bytes("tiny", "sit") / 5
+    _, peak = bench.cpu_allocation_peak(lambda: bench.bench_optimizer("tiny", steps=1))
+    assert 4.5 * copy < peak < 6 * copy
+
+
 def _gpu_check_recipe() -> tuple[list[str], list[str]]:
     """The Makefile's benchmark command (after the interpreter) and ``gpu-check``'s lines."""
     text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
