@@ -197,6 +197,7 @@ def test_mfu_is_reckoned_against_the_settings_peak(monkeypatch):
 
     from diversedit import bench
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU the name can't tell
     steps = [0.05, 0.04, 0.06]
     given = bench.StepSettings(device="cuda", peak_flops=1e12)
     result = bench._result("tiny", "sit", given, steps, 1e10, None, [0, 0, 0], steps)

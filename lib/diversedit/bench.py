@@ -812,8 +812,7 @@ def run(
         device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton, update,
         peak_tflops * 1e12 if peak_tflops else None,
     )  # fmt: skip
-    cuda = torch.device(device).type == "cuda"
-    if cuda and step_settings.peak_flops is None:
+    if torch.device(device).type == "cuda" and step_settings.peak_flops is None:
         print(f"MFU left out: no dense bf16 peak known for {torch.cuda.get_device_name(device)!r}"
               " (give it with --peak-tflops)", flush=True)  # fmt: skip
     dtype = step_settings.dtype
