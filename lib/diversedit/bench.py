@@ -153,8 +153,9 @@ def available_memory(device: str) -> int | None:
 def _check_interleaved_memory(sizes: Sequence[str], variants: Sequence[str], device: str) -> None:
     """ValueError when the variants timed round-robin, all built at once, would need more
     memory for their training state alone than the device has available."""
-    free = available_memory(device) if len(variants) > 1 else None
-    for size in sizes if free is not None else ():
+    if len(variants) < 2 or (free := available_memory(device)) is None:
+        return
+    for size in sizes:
         need = sum(training_state_bytes(size, v) for v in variants)
         if need > free:
             raise ValueError(
@@ -741,6 +742,11 @@ def _check_device(device: str) -> None:
         raise ValueError(f"--device {device}: {found} available")
 
 
+def _interleaves(device: str, interleave: bool | None) -> bool:
+    """Whether training variants are timed round-robin: as asked, else on a CPU only."""
+    return device == "cpu" if interleave is None else interleave
+
+
 def check_options(
     parts: Sequence[str], compile_mode: str, compile_scope: str = "model", *,
     sizes: Sequence[str] = (), variants: Sequence[str] = (), device: str = "cpu",
@@ -773,7 +779,7 @@ def check_options(
             raise ValueError(f"--peak-tflops must be a positive number, got {peak_tflops!r}")
         if torch.device(device).type != "cuda":
             raise ValueError(f"--peak-tflops: MFU is measured on CUDA only, not on {device}")
-    if "train" in parts and (device == "cpu" if interleave is None else interleave):
+    if "train" in parts and _interleaves(device, interleave):
         _check_interleaved_memory(sizes, variants, device)
 
 
@@ -807,7 +813,7 @@ def run(
         diversity_triton=diversity_triton, update=update, peak_tflops=peak_tflops,
         interleave=interleave,
     )  # fmt: skip
-    interleave = device == "cpu" if interleave is None else interleave
+    interleave = _interleaves(device, interleave)
     step_settings = StepSettings(
         device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton, update,
         peak_tflops * 1e12 if peak_tflops else None,
