@@ -167,6 +167,38 @@ def test_host_time_is_the_time_to_return(monkeypatch):
     assert cpu.host_ms is None
 
 
+def test_an_accumulated_step_averages_its_micro_batches(monkeypatch):
+    """With ``accum``, a step runs the loss on that many distinct micro-batches, each scaled by
+    1/accum as accelerate does, and updates once; its images per second count them all."""
+    import torch
+
+    from diversedit import bench
+
+    seen, updates = [], []
+
+    def trained(model):
+        return next(p for p in model.parameters() if p.requires_grad)
+
+    def loss_of(network, x0, *args, **kwargs):
+        seen.append(x0)
+        return trained(network).sum() * 1.0, {}  # d loss / d that parameter: 1
+
+    def fake_update(model, device, impl):
+        first = trained(model)
+        return torch.optim.SGD(model.parameters()), lambda: updates.append(first.grad.clone())
+
+    monkeypatch.setattr(bench, "compute_loss", loss_of)
+    monkeypatch.setattr(bench, "_update", fake_update)
+    step, _ = bench.prepare_train_step("tiny", "sit", bench.StepSettings(batch=2, accum=3))
+    step()
+    assert len(seen) == 3 and len(updates) == 1
+    assert not torch.equal(seen[0], seen[1]) and seen[0].shape[0] == 2
+    assert torch.allclose(updates[0], torch.ones_like(updates[0]))  # mean of three, not sum
+    result = bench._result("tiny", "sit", bench.StepSettings(batch=2, accum=3), [0.5], None, None,
+                           [0], [0.5])  # fmt: skip
+    assert result.images_per_s == pytest.approx(12.0) and result.accum == 3
+
+
 @pytest.mark.parametrize(
     ("name", "tflops"),
     [
@@ -462,6 +494,7 @@ def test_median_interval_order_statistics_and_coverage():
         (["--peak-tflops", "989"], "--peak-tflops: MFU is measured on CUDA only, not on cpu"),
         (["--peak-tflops", "0"], "--peak-tflops must be a positive number, got 0.0"),
         (["--peak-tflops", "nan"], "--peak-tflops must be a positive number, got nan"),
+        (["--accum", "0"], "--accum must be >= 1, got 0"),
         (["--out", "/proc/none/b.json"], "--out /proc/none/b.json: "),  # not after the timing
     ],
 )

@@ -40,7 +40,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     sizes, parts = args.sizes.split(","), args.parts.split(",")
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
-    for flag, value in (("--steps", args.steps), ("--batch", args.batch)):
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--accum", args.accum)):
         if value < 1:
             raise UsageError(f"diversedit bench: {flag} must be >= 1, got {value}")
     try:
@@ -69,6 +69,7 @@ def _bench(args: argparse.Namespace) -> None:
         diversity_triton=args.diversity_triton,
         update=args.update,
         peak_tflops=args.peak_tflops,
+        accum=args.accum,
     )
 
 
@@ -227,6 +228,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench.add_argument("--variants", default="", help="comma list (default: all)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--batch", type=int, default=32, help="per-device batch (release: 32)")
+    bench.add_argument(
+        "--accum",
+        type=int,
+        default=1,
+        help="micro-batches of --batch per training step, as optim.grad_accum (one GPU at the "
+        "release's global batch 256: --batch 32 --accum 8)",
+    )
     bench.add_argument(
         "--dtype",
         default=None,

@@ -78,8 +78,9 @@ SIZES = ("tiny", *(name.removeprefix("SiT-") for name in MODEL_NAMES))  # tiny, 
 class StepSettings:
     """How a training step is run: device, per-device batch, autocast dtype (None: bf16 on
     CUDA, fp32 elsewhere), compilation, whether the diversity statistics come from the Triton
-    kernels and whether the parameter update is the compiled one (:mod:`.update`); and the
-    dense bf16 peak (FLOP/s) its MFU is reckoned against (None: the GPU's, :func:`bf16_peak`)."""
+    kernels and whether the parameter update is the compiled one (:mod:`.update`); the dense
+    bf16 peak (FLOP/s) its MFU is reckoned against (None: the GPU's, :func:`bf16_peak`); and
+    how many micro-batches of ``batch`` each step accumulates (``optim.grad_accum``)."""
 
     device: str = "cpu"
     batch: int = 32
@@ -90,6 +91,7 @@ class StepSettings:
     diversity_triton: bool = False
     update: str = "library"
     peak_flops: float | None = None
+    accum: int = 1
 
     def __post_init__(self) -> None:
         cuda = torch.device(self.device).type == "cuda"
@@ -119,6 +121,7 @@ class StepResult:
     update: str = "library"  # how clip, AdamW and EMA ran (``precision.update``)
     step_times_ms: list[float] | None = None  # every timed step, in order (rounds, interleaved)
     host_ms: float | None = None  # CUDA: median time until the step's call returns (its launches)
+    accum: int = 1  # micro-batches of ``batch`` per step (gradient accumulation)
 
 
 def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, ObjectiveConfig]:
@@ -319,9 +322,10 @@ def bf16_peak(device_name: str) -> float | None:
 def prepare_train_step(
     size: str, variant: str, settings: StepSettings = StepSettings()
 ) -> tuple[Callable[[], None], float | None]:
-    """One optimiser step as the trainer runs it (loss, backward, clip 1.0, fused AdamW on CUDA,
-    EMA; or these three as a :class:`~.update.FusedUpdate` with ``settings.update``) as
-    a closure, and its model FLOPs (counted on CUDA, else None).
+    """One optimiser step as the trainer runs it (loss and backward for each of
+    ``settings.accum`` micro-batches, then clip 1.0, fused AdamW on CUDA, EMA; or these three as
+    a :class:`~.update.FusedUpdate` with ``settings.update``) as a closure, and its model FLOPs
+    (counted on CUDA, else None).
 
     ``settings.compile_model`` compiles the model (with ``compile_mode``, as one graph or per
     block, see ``compile_scope``) and the diversity loss, as the trainer does on CUDA.
@@ -331,19 +335,25 @@ def prepare_train_step(
     model, obj = build(size, variant, device)
     opt, update = _update(model, device, settings.update)
     cfg = model.config
-    x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device)
-    y = torch.randint(0, cfg.num_classes, (batch,), device=device)
-    targets = [torch.randn(batch, cfg.num_patches, z, device=device) for z in cfg.z_dims]
+    micro_batches = [
+        (
+            torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device),
+            torch.randint(0, cfg.num_classes, (batch,), device=device),
+            [torch.randn(batch, cfg.num_patches, z, device=device) for z in cfg.z_dims],
+        )
+        for _ in range(settings.accum)
+    ]
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.dtype)
     dev_type = torch.device(device).type
 
     def step(network: torch.nn.Module = model, compiled: bool = False) -> None:
-        with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = compute_loss(
-                network, x0, y, obj, encoder_targets=targets, compiled=compiled,
-                triton=settings.diversity_triton,
-            )  # fmt: skip
-        loss.backward()
+        for x0, y, targets in micro_batches:
+            with torch.autocast(dev_type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, _ = compute_loss(
+                    network, x0, y, obj, encoder_targets=targets, compiled=compiled,
+                    triton=settings.diversity_triton,
+                )  # fmt: skip
+            (loss / settings.accum if settings.accum > 1 else loss).backward()  # as accelerate
         update()
         opt.zero_grad(set_to_none=True)
 
@@ -391,11 +401,13 @@ def _result(
     median = statistics.median(times)
     mfu = flops / median / st.peak_flops if flops and st.peak_flops else None
     return StepResult(
-        size, variant, st.device, st.dtype, st.batch, st.compile_model, st.batch / median,
-        1e3 * median, peak, flops, mfu, diversity_triton=st.diversity_triton,
+        size, variant, st.device, st.dtype, st.batch, st.compile_model,
+        st.batch * st.accum / median, 1e3 * median, peak, flops, mfu,
+        diversity_triton=st.diversity_triton,
         page_faults=statistics.median(faults), update=st.update,
         step_times_ms=[1e3 * t for t in times],
         host_ms=1e3 * statistics.median(host) if st.device.startswith("cuda") else None,
+        accum=st.accum,
     )  # fmt: skip
 
 
@@ -801,13 +813,15 @@ def run(
     diversity_triton: bool = False,
     update: str = "library",
     peak_tflops: float | None = None,
+    accum: int = 1,
 ) -> dict[str, Any]:
     """Benchmark ``parts`` (train, loss, optimizer, sampler, inception) for every size; writes
     the JSON after each measurement. ``interleave`` (default: on CPU) times the training variants
     round-robin instead of one after another. ``dtype`` None: bf16 on CUDA, fp32 elsewhere. On
     the CPU, freed memory stays in the process as in CPU training (:mod:`.host_memory`).
     ``peak_tflops``: the dense bf16 peak for MFU on a GPU that :data:`BF16_PEAK` lacks, or
-    another than the one it lists."""
+    another than the one it lists. ``accum``: micro-batches of ``batch`` per training step.
+    """
     check_options(
         parts, compile_mode, compile_scope, sizes=sizes, variants=variants, device=device,
         diversity_triton=diversity_triton, update=update, peak_tflops=peak_tflops,
@@ -816,14 +830,14 @@ def run(
     interleave = _interleaves(device, interleave)
     step_settings = StepSettings(
         device, batch, dtype, compile_model, compile_mode, compile_scope, diversity_triton, update,
-        peak_tflops * 1e12 if peak_tflops else None,
+        peak_tflops * 1e12 if peak_tflops else None, accum,
     )  # fmt: skip
     if torch.device(device).type == "cuda" and step_settings.peak_flops is None:
         print(f"MFU left out: no dense bf16 peak known for {torch.cuda.get_device_name(device)!r}"
               " (give it with --peak-tflops)", flush=True)  # fmt: skip
     dtype = step_settings.dtype
     settings = {
-        "device": device, "batch": batch, "dtype": dtype, "compile": compile_model,
+        "device": device, "batch": batch, "accum": accum, "dtype": dtype, "compile": compile_model,
         "compile_mode": compile_mode if compile_model else None,
         "compile_scope": compile_scope if compile_model else None, "steps": steps,
         "interleave": interleave, "parts": list(parts), "profile": profile,
