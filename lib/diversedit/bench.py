@@ -252,6 +252,24 @@ def _idle_text(profile: dict[str, Any] | None) -> str:
     return f"  GPU idle {idle['idle_ms']:.1f} of {idle['span_ms']:.1f} ms (profiled)"
 
 
+def _train_line(r: dict[str, Any]) -> str:
+    """The printed line of one training-step record."""
+    ci = r["overhead_ci95"]
+    return (
+        f"{r['size']:>5} {r['variant'] + ('+triton' * r['diversity_triton']):>16} "
+        f"{r['images_per_s']:9.1f} img/s {r['step_ms']:8.2f} ms"
+        + (f" ({r['batch']} × {r['accum']})" if r["accum"] > 1 else "")
+        + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "")
+        + (f"  peak {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] else "")
+        + (f"  host {r['host_ms']:.1f} ms" if r["host_ms"] is not None else "")
+        + _idle_text(r["profile"])
+        + (f"  {r['page_faults']:.0f} page faults" if r["device"] == "cpu" else "")
+        + (f"  {r['overhead_vs_sit']:+.1%}" if r["overhead_vs_sit"] is not None else "")
+        + (f" (paired {r['overhead_paired']:+.1%}, 95% {ci[0]:+.1%}..{ci[1]:+.1%})"
+           if ci and r["variant"] != "sit" else "")
+    )  # fmt: skip
+
+
 def cpu_allocation_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
     """``fn()`` and the most bytes of CPU tensor memory it held at once, beyond what was
     allocated when it began: the running sum of the profiler's allocation and free events
@@ -886,21 +904,7 @@ def run(
                 paired = paired_overhead(r["step_times_ms"], base["step_times_ms"])
             r["overhead_paired"], r["overhead_ci95"] = paired
             report["train_step"].append(r)
-            ci = r["overhead_ci95"]
-            print(
-                f"{size:>5} {r['variant'] + ('+triton' * r['diversity_triton']):>16} "
-                f"{r['images_per_s']:9.1f} img/s "
-                f"{r['step_ms']:8.2f} ms"
-                + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "")
-                + (f"  peak {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] else "")
-                + (f"  host {r['host_ms']:.1f} ms" if r["host_ms"] is not None else "")
-                + _idle_text(r["profile"])
-                + (f"  {r['page_faults']:.0f} page faults" if device == "cpu" else "")
-                + (f"  {r['overhead_vs_sit']:+.1%}" if r["overhead_vs_sit"] is not None else "")
-                + (f" (paired {r['overhead_paired']:+.1%}, 95% {ci[0]:+.1%}..{ci[1]:+.1%})"
-                   if ci and r["variant"] != "sit" else ""),
-                flush=True,
-            )  # fmt: skip
+            print(_train_line(r), flush=True)
             save()
         impls = [i for i in LOSS_IMPLS if not i.startswith("triton") or device.startswith("cuda")]
         for impl in impls if "loss" in parts else ():
