@@ -445,6 +445,46 @@ def test_compile_setting_reaches_model_and_loss(tmp_path, monkeypatch):
     assert tr.compiled and modes == ["max-autotune-no-cudagraphs", "default"]
 
 
+@pytest.mark.parametrize(
+    ("params", "graphs"),
+    [
+        ("digits_diversedit.yaml", 2),
+        ("digits_repa_diversedit.yaml", 2),
+        ("digits_meanflow.yaml", 1),
+    ],
+)
+def test_compiled_steps_trace_whole_without_breaks_or_recompiles(
+    params, graphs, tmp_path, monkeypatch
+):
+    """A compiled step is the model as one graph and the diversity loss as another, traced
+    through the backward, with no graph break (eager glue a GPU would wait on the host for) and
+    no recompilation across steps, log and checkpoint steps among them; traced by TorchDynamo
+    and AOTAutograd with Inductor left out (its code generation is the GPU tier's), and
+    with the diversity loss's CPU-only host reads off, as on a GPU."""
+    from torch._dynamo.utils import counters
+
+    import diversedit.losses.diversity as div
+
+    real = torch.compile
+
+    def traced(fn=None, **kwargs):
+        kwargs.pop("mode", None)
+        return real(fn, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", traced)
+    monkeypatch.setattr(div, "_host_readable", lambda t: False)
+    torch._dynamo.reset()
+    div._compiled_terms.cache_clear()
+    counters.clear()
+    tr = trainer(config(tmp_path, params, **{"precision.compile": True, "optim.max_steps": 4}))
+    tr.fit()
+    div._compiled_terms.cache_clear()
+    torch._dynamo.reset()
+    assert tr.compiled and tr.step == 4
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+
+
 def test_block_compile_scope_compiles_each_block_in_place(tmp_path, monkeypatch):
     """precision.compile_scope=blocks: every transformer block is compiled with the configured
     mode (nn.Module.compile stubbed), the model itself is not wrapped, and training runs."""
