@@ -194,6 +194,8 @@ def test_an_accumulated_step_averages_its_micro_batches(monkeypatch):
     assert len(seen) == 3 and len(updates) == 1
     assert not torch.equal(seen[0], seen[1]) and seen[0].shape[0] == 2
     assert torch.allclose(updates[0], torch.ones_like(updates[0]))  # mean of three, not sum
+    with pytest.raises(ValueError, match="accum must be >= 1, got 0"):
+        bench.StepSettings(accum=0)
     result = bench._result("tiny", "sit", bench.StepSettings(batch=2, accum=3), [0.5], None, None,
                            [0], [0.5])  # fmt: skip
     assert result.images_per_s == pytest.approx(12.0) and result.accum == 3

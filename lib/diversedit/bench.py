@@ -94,6 +94,9 @@ class StepSettings:
     accum: int = 1
 
     def __post_init__(self) -> None:
+        for name in ("batch", "accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         cuda = torch.device(self.device).type == "cuda"
         if self.dtype is None:
             object.__setattr__(self, "dtype", "bf16" if cuda else "fp32")
