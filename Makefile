@@ -58,8 +58,8 @@ bench: setup
 # cost spread over 256 images); the steps as CUDA graphs (`reduce-overhead`), which take the
 # host out of the step, and with Inductor's C++ wrapper (`TORCHINDUCTOR_CPP_WRAPPER=1`,
 # recorded in the JSON's machine block), which shortens it; the other CUDA tests (passed in
-# session 15) last.
-# The parts' limits add up to 890 s, more than one 10-minute device call, so they may be cut.
+# session 15) last. The parts' limits add up to 890 s, more than one 10-minute device call,
+# so the last may be cut.
 GPU_PY  ?= $(BIN)/python
 GPU_OUT ?= results/bench/gpu-check
 BENCH   := $(GPU_PY) -m diversedit bench --device cuda --batch 32 --steps 10
