@@ -12,10 +12,11 @@ MACHINE = {"git_commit": "a" * 40, "dirty": False, "cpu": "Xeon", "threads": 2, 
 SETTINGS = {"compile_mode": None, "compile_scope": None, "keep_freed_memory": True}
 
 
-def step(variant, times, *, size="S/2", batch=8, timing="interleaved"):
+def step(variant, times, *, size="S/2", batch=8, timing="interleaved", accum=None):
     return {"size": size, "variant": variant, "device": "cpu", "dtype": "fp32", "batch": batch,
             "compiled": False, "update": "library", "diversity_triton": False,
-            "step_times_ms": list(times), "timing": timing}  # fmt: skip
+            "step_times_ms": list(times), "timing": timing} | (
+        {"accum": accum} if accum else {})  # fmt: skip
 
 
 def record(path, steps, **machine):
@@ -44,19 +45,22 @@ def test_pool_pairs_rounds_within_records_and_pools_equal_measurements(tmp_path)
         step("diversedit", [b * (1 + o) for b, o in zip(base_a, over_a, strict=True)]),
     ])  # fmt: skip
     b = record(tmp_path / "b.json", [
-        step("diversedit", [b * (1 + o) for b, o in zip(base_b, over_b, strict=True)]),
-        step("sit", base_b),
+        step("diversedit", [b * (1 + o) for b, o in zip(base_b, over_b, strict=True)], accum=1),
+        step("sit", base_b, accum=1),
     ], git_commit="b" * 40, dirty=True)  # fmt: skip
     c = record(tmp_path / "c.json", [step("sit", [1.0] * 6), step("diversedit", [2.0] * 6)],
                cpu="another")  # fmt: skip
     d = record(tmp_path / "d.json", [step("sit", [1.0] * 6, batch=4),
                                      step("long_skip", [1.5] * 6, batch=4)])  # fmt: skip
-    pooled, skipped = pool([a, b, c, d])
+    e = record(tmp_path / "e.json", [step("sit", [1.0] * 6, accum=4),
+                                     step("diversedit", [1.2] * 6, accum=4)])  # fmt: skip
+    pooled, skipped = pool([a, b, c, d, e])
     assert skipped == []
     assert [(p["variant"], p["rounds"]) for p in pooled] == [
-        ("diversedit", 24),
+        ("diversedit", 24),  # a (no accum: a record from before --accum) with b (accum 1)
         ("diversedit", 6),
         ("long_skip", 6),
+        ("diversedit", 6),  # four micro-batches a step: another measurement
     ]
     first = pooled[0]
     ratios = over_a + over_b

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 # what must agree for rounds to be pooled: the step's fields, the run's settings, the machine
-STEP_KEYS = ("size", "device", "dtype", "batch", "compiled", "update", "diversity_triton")
+STEP_KEYS = ("size", "device", "dtype", "batch", "accum", "compiled", "update", "diversity_triton")
+STEP_DEFAULTS = {"accum": 1}  # what records made before a key was added measured
 SETTING_KEYS = ("compile_mode", "compile_scope", "keep_freed_memory")
 MACHINE_KEYS = ("cpu", "threads", "gpu", "torch", "triton", "torch_env")
 
@@ -81,7 +82,7 @@ def _measurement(step: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]
     """What a step's timings depend on besides the code."""
     settings, machine = record["settings"], record["machine"]
     return (
-        {k: step.get(k) for k in STEP_KEYS}
+        {k: step.get(k, STEP_DEFAULTS.get(k)) for k in STEP_KEYS}
         | {k: settings.get(k) for k in SETTING_KEYS}
         | {f"machine.{k}": machine.get(k) for k in MACHINE_KEYS}
     )
