@@ -201,6 +201,19 @@ def test_an_accumulated_step_averages_its_micro_batches(monkeypatch):
     assert result.images_per_s == pytest.approx(12.0) and result.accum == 3
 
 
+def test_bench_cli_times_accumulated_steps(tmp_path, capsys):
+    """``--accum`` reaches the timed step, the record (settings and result) and the printed
+    line."""
+    out = tmp_path / "bench.json"
+    main(["bench", "--sizes", "tiny", "--variants", "sit", "--batch", "2", "--accum", "2",
+          "--steps", "1", "--parts", "train", "--out", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    (result,) = report["train_step"]
+    assert report["settings"]["accum"] == 2 and (result["batch"], result["accum"]) == (2, 2)
+    assert result["images_per_s"] == pytest.approx(4e3 / result["step_ms"])
+    assert "(2 × 2)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("name", "tflops"),
     [
