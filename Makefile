@@ -58,7 +58,7 @@ bench: setup
 # cost spread over 256 images); the steps as CUDA graphs (`reduce-overhead`), which take the
 # host out of the step, and with Inductor's C++ wrapper (`TORCHINDUCTOR_CPP_WRAPPER=1`,
 # recorded in the JSON's machine block), which shortens it; the other CUDA tests (passed in
-# session 15) last. The parts' limits add up to 890 s, more than one 10-minute device call,
+# session 15) last. The parts' limits add up to 960 s, more than one 10-minute device call,
 # so the last may be cut.
 GPU_PY  ?= $(BIN)/python
 GPU_OUT ?= results/bench/gpu-check
@@ -72,11 +72,11 @@ gpu-check:
 		> $(GPU_OUT)/clocks.csv 2>&1 & echo $$! > $(GPU_OUT)/clocks.pid
 	-timeout 150 $(GPU_PY) -m pytest -q -p no:cacheprovider -k "digits" \
 		tests/test_gpu.py 2>&1 | tee $(GPU_OUT)/tests_defaults.log
-	-timeout 110 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversedit $(DEFAULTS) \
+	-timeout 150 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversedit $(DEFAULTS) \
 		--interleave --parts train --profile --out $(GPU_OUT)/xl_compiled_triton.json
 	-timeout 110 $(BENCH) --sizes XL/2 --variants sit,long_skip $(DEFAULTS) --no-interleave \
 		--parts train --profile --out $(GPU_OUT)/xl_sequential_profiled.json
-	-timeout 100 $(BENCH) --sizes XL/2 --variants sit,diversedit --batch 64 --accum 4 \
+	-timeout 130 $(BENCH) --sizes XL/2 --variants sit,diversedit --batch 64 --accum 4 \
 		--steps 5 $(DEFAULTS) --parts train --out $(GPU_OUT)/xl_b64x4.json
 	-timeout 150 $(BENCH) --sizes XL/2 --variants sit,long_skip,diversedit $(DEFAULTS) \
 		--compile-mode reduce-overhead --parts train --out $(GPU_OUT)/xl_cudagraphs.json

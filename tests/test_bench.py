@@ -167,6 +167,37 @@ def test_host_time_is_the_time_to_return(monkeypatch):
     assert cpu.host_ms is None
 
 
+class _Cut(Exception):
+    """A run cut short (a part's time limit, the end of a device call)."""
+
+
+def test_interleaved_timings_are_saved_before_any_profile(tmp_path, monkeypatch):
+    """A round-robin run cut short while profiling keeps its timings: every variant's record,
+    with how long it took to build and warm up, is on disk before the first profile starts
+    (``make gpu-check``'s question is the timings; its profiles come after)."""
+    from diversedit import bench
+
+    out = tmp_path / "bench.json"
+    seen: list[dict] = []
+
+    def cut_profile(*_args, **_kwargs):
+        seen.extend(json.loads(out.read_text())["train_step"])
+        raise _Cut
+
+    monkeypatch.setattr(bench, "profile_step", cut_profile)
+    with pytest.raises(_Cut):
+        main(["bench", "--sizes", "tiny", "--variants", "sit,diversedit", "--batch", "2",
+              "--steps", "2", "--interleave", "--parts", "train", "--profile",
+              "--out", str(out)])  # fmt: skip
+    assert [r["variant"] for r in seen] == ["sit", "diversedit"]
+    assert all(r["profile"] is None and len(r["step_times_ms"]) == 2 for r in seen)
+    assert seen[1]["overhead_paired"] is not None
+    for r in seen:  # build and three warm-up steps, each about as long as a timed one or more
+        assert r["ready_s"] * 1e3 > min(r["step_times_ms"])
+    line = bench._train_line(dict(seen[0], compiled=True, ready_s=41.6))
+    assert "ready in 42 s" in line and "ready" not in bench._train_line(seen[0])
+
+
 def test_an_accumulated_step_averages_its_micro_batches(monkeypatch):
     """With ``accum``, a step runs the loss on that many distinct micro-batches, each scaled by
     1/accum as accelerate does, and updates once; its images per second count them all."""

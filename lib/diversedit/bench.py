@@ -125,6 +125,7 @@ class StepResult:
     step_times_ms: list[float] | None = None  # every timed step, in order (rounds, interleaved)
     host_ms: float | None = None  # CUDA: median time until the step's call returns (its launches)
     accum: int = 1  # micro-batches of ``batch`` per step (gradient accumulation)
+    ready_s: float | None = None  # seconds to build the step and run its warm-up (compiling)
 
 
 def build(size: str, variant: str, device: str) -> tuple[torch.nn.Module, ObjectiveConfig]:
@@ -255,16 +256,22 @@ def _idle_text(profile: dict[str, Any] | None) -> str:
     return f"  GPU idle {idle['idle_ms']:.1f} of {idle['span_ms']:.1f} ms (profiled)"
 
 
+def _label(r: dict[str, Any]) -> str:
+    """A training-step record's variant as printed."""
+    return r["variant"] + "+triton" * r["diversity_triton"]
+
+
 def _train_line(r: dict[str, Any]) -> str:
     """The printed line of one training-step record."""
     ci = r["overhead_ci95"]
     return (
-        f"{r['size']:>5} {r['variant'] + ('+triton' * r['diversity_triton']):>16} "
+        f"{r['size']:>5} {_label(r):>16} "
         f"{r['images_per_s']:9.1f} img/s {r['step_ms']:8.2f} ms"
         + (f" ({r['batch']} × {r['accum']})" if r["accum"] > 1 else "")
         + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "")
         + (f"  peak {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] else "")
         + (f"  host {r['host_ms']:.1f} ms" if r["host_ms"] is not None else "")
+        + (f"  ready in {r['ready_s']:.0f} s" if r["compiled"] else "")
         + _idle_text(r["profile"])
         + (f"  {r['page_faults']:.0f} page faults" if r["device"] == "cpu" else "")
         + (f"  {r['overhead_vs_sit']:+.1%}" if r["overhead_vs_sit"] is not None else "")
@@ -416,7 +423,7 @@ def _update(
 
 def _result(
     size: str, variant: str, settings: StepSettings, times: list[float], flops: float | None,
-    peak: float | None, faults: list[int], host: list[float],
+    peak: float | None, faults: list[int], host: list[float], ready_s: float | None = None,
 ) -> StepResult:  # fmt: skip
     st = settings
     median = statistics.median(times)
@@ -428,26 +435,32 @@ def _result(
         page_faults=statistics.median(faults), update=st.update,
         step_times_ms=[1e3 * t for t in times],
         host_ms=1e3 * statistics.median(host) if st.device.startswith("cuda") else None,
-        accum=st.accum,
+        accum=st.accum, ready_s=ready_s,
     )  # fmt: skip
 
 
 def _prepare_warm(
     size: str, variant: str, settings: StepSettings, warmup: int
-) -> tuple[Callable[[], None], float | None, float | None]:
-    """:func:`prepare_train_step` and its ``warmup`` calls: the step, its FLOPs and, on the CPU,
-    its peak tensor memory in GiB from the model's build through the warm-up (model, optimiser
-    state, EMA, inputs and the step's own tensors; :func:`cpu_allocation_peak`)."""
+) -> tuple[Callable[[], None], float | None, float | None, float]:
+    """:func:`prepare_train_step` and its ``warmup`` calls: the step, its FLOPs, on the CPU its
+    peak tensor memory in GiB from the model's build through the warm-up (model, optimiser
+    state, EMA, inputs and the step's own tensors; :func:`cpu_allocation_peak`), and the
+    seconds all that took (a compiled step's compilation included)."""
 
     def prepare() -> tuple[Callable[[], None], float | None]:
         step, flops = prepare_train_step(size, variant, settings)
         _time(step, settings.device, warmup, 0)
+        if settings.device.startswith("cuda"):
+            torch.cuda.synchronize()
         return step, flops
 
+    start = time.perf_counter()
     if torch.device(settings.device).type != "cpu":
-        return *prepare(), None
-    (step, flops), peak = cpu_allocation_peak(prepare)
-    return step, flops, peak / 2**30
+        (step, flops), peak = prepare(), None
+    else:
+        (step, flops), peak = cpu_allocation_peak(prepare)
+        peak /= 2**30
+    return step, flops, peak, time.perf_counter() - start
 
 
 def bench_train_step(
@@ -463,7 +476,7 @@ def bench_train_step(
     timed steps, on the CPU see :func:`_prepare_warm`); with ``profile``, two more steps under
     the profiler give its top operators."""
     device = settings.device
-    step, flops, peak = _prepare_warm(size, variant, settings, warmup)
+    step, flops, peak, ready_s = _prepare_warm(size, variant, settings, warmup)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -472,7 +485,7 @@ def bench_train_step(
     times = _time(step, device, 0, steps, faults, host)
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) / 2**30
-    result = _result(size, variant, settings, times, flops, peak, faults, host)
+    result = _result(size, variant, settings, times, flops, peak, faults, host, ready_s)
     result.profile = profile_step(step, device) if profile else None
     return result
 
@@ -485,11 +498,13 @@ def bench_train_steps_interleaved(
     warmup: int = WARMUP["train"],
     steps: int = 10,
     profile: bool = False,
+    on_timed: Callable[[StepResult], None] | None = None,
 ) -> list[StepResult]:
     """Median step times of all variants, timed round-robin (one step of each in turn), so slow
     drift of a shared or throttled machine hits every variant alike. Peak memory on the CPU
     only (:func:`_prepare_warm`; on CUDA the variants' tensors share the device's statistics).
-    """
+    ``on_timed`` gets each result when every round is done, before any profile, so a run cut
+    short while profiling keeps its timings."""
     device = settings.device
     prepared = {v: _prepare_warm(size, v, settings, warmup) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -498,11 +513,14 @@ def bench_train_steps_interleaved(
     for _ in range(steps):
         for v, (step, *_) in prepared.items():
             times[v] += _time(step, device, 0, 1, faults[v], host[v])
-    results = []
-    for v, (step, flops, peak) in prepared.items():
-        result = _result(size, v, settings, times[v], flops, peak, faults[v], host[v])
-        result.profile = profile_step(step, device) if profile else None
-        results.append(result)
+    results = [
+        _result(size, v, settings, times[v], flops, peak, faults[v], host[v], ready_s)
+        for v, (_, flops, peak, ready_s) in prepared.items()
+    ]
+    for result in results if on_timed else ():
+        on_timed(result)
+    for result, (step, *_) in zip(results, prepared.values(), strict=True) if profile else ():
+        result.profile = profile_step(step, device)
     return results
 
 
@@ -886,29 +904,41 @@ def run(
         if out is not None:
             atomic_write_bytes(out, json.dumps(report, indent=2).encode())
 
+    base: dict[str, Any] | None = None  # the size's SiT record
+
+    def record(result: StepResult) -> None:
+        nonlocal base
+        r = asdict(result)
+        r["timing"] = "interleaved" if interleave else "sequential"
+        base = r if r["variant"] == "sit" else base
+        r["overhead_vs_sit"] = r["step_ms"] / base["step_ms"] - 1 if base else None
+        paired = None, None  # interleaved: each round's overhead, median and interval
+        if base and interleave:
+            paired = paired_overhead(r["step_times_ms"], base["step_times_ms"])
+        r["overhead_paired"], r["overhead_ci95"] = paired
+        report["train_step"].append(r)
+        print(_train_line(r), flush=True)
+        save()
+
     kw = dict(steps=steps, profile=profile)
     for size in sizes:
         if compile_model:  # a fresh graph cache: torch stops compiling after 8 graphs a function
             torch._dynamo.reset()
         base = None
-        if "train" not in parts:
-            results = []
-        elif interleave:
-            results = bench_train_steps_interleaved(size, variants, step_settings, **kw)
-        else:
-            results = (bench_train_step(size, v, step_settings, **kw) for v in variants)
-        for result in results:
-            r = asdict(result)
-            r["timing"] = "interleaved" if interleave else "sequential"
-            base = r if r["variant"] == "sit" else base
-            r["overhead_vs_sit"] = r["step_ms"] / base["step_ms"] - 1 if base else None
-            paired = None, None  # interleaved: each round's overhead, median and interval
-            if base and interleave:
-                paired = paired_overhead(r["step_times_ms"], base["step_times_ms"])
-            r["overhead_paired"], r["overhead_ci95"] = paired
-            report["train_step"].append(r)
-            print(_train_line(r), flush=True)
-            save()
+        if "train" in parts and interleave:  # saved as timed; profiles are added after
+            first = len(report["train_step"])
+            results = bench_train_steps_interleaved(
+                size, variants, step_settings, on_timed=record, **kw
+            )
+            timed = zip(report["train_step"][first:], results, strict=True)
+            for r, result in timed if profile else ():
+                r["profile"] = result.profile
+                if idle := _idle_text(r["profile"]):
+                    print(f"{size:>5} {_label(r):>16}{idle}", flush=True)
+                save()
+        elif "train" in parts:
+            for variant in variants:
+                record(bench_train_step(size, variant, step_settings, **kw))
         impls = [i for i in LOSS_IMPLS if not i.startswith("triton") or device.startswith("cuda")]
         for impl in impls if "loss" in parts else ():
             r = bench_diversity_loss(
