@@ -171,10 +171,11 @@ class _Cut(Exception):
     """A run cut short (a part's time limit, the end of a device call)."""
 
 
-def test_interleaved_timings_are_saved_before_any_profile(tmp_path, monkeypatch):
-    """A round-robin run cut short while profiling keeps its timings: every variant's record,
-    with how long it took to build and warm up, is on disk before the first profile starts
-    (``make gpu-check``'s question is the timings; its profiles come after)."""
+@pytest.mark.parametrize("interleave", [True, False])
+def test_timings_are_saved_before_their_profile(interleave, tmp_path, monkeypatch):
+    """A run cut short while profiling keeps its timings: a variant's record, with how long it
+    took to build and warm up, is on disk before its profile starts; round-robin, every
+    variant's is (``make gpu-check``'s question is the timings; its profiles come after)."""
     from diversedit import bench
 
     out = tmp_path / "bench.json"
@@ -187,15 +188,40 @@ def test_interleaved_timings_are_saved_before_any_profile(tmp_path, monkeypatch)
     monkeypatch.setattr(bench, "profile_step", cut_profile)
     with pytest.raises(_Cut):
         main(["bench", "--sizes", "tiny", "--variants", "sit,diversedit", "--batch", "2",
-              "--steps", "2", "--interleave", "--parts", "train", "--profile",
-              "--out", str(out)])  # fmt: skip
-    assert [r["variant"] for r in seen] == ["sit", "diversedit"]
+              "--steps", "2", "--interleave" if interleave else "--no-interleave",
+              "--parts", "train", "--profile", "--out", str(out)])  # fmt: skip
+    assert [r["variant"] for r in seen] == ["sit", "diversedit"][: 2 if interleave else 1]
     assert all(r["profile"] is None and len(r["step_times_ms"]) == 2 for r in seen)
-    assert seen[1]["overhead_paired"] is not None
+    assert (seen[-1]["overhead_paired"] is not None) is interleave
     for r in seen:  # build and three warm-up steps, each about as long as a timed one or more
         assert r["ready_s"] * 1e3 > min(r["step_times_ms"])
     line = bench._train_line(dict(seen[0], compiled=True, ready_s=41.6))
     assert "ready in 42 s" in line and "ready" not in bench._train_line(seen[0])
+
+
+def test_profiles_are_added_to_the_saved_records(tmp_path, monkeypatch, capsys):
+    """Profiled one after another, each variant's profile joins its record before the next
+    variant is timed, and its GPU idle time is printed on a line of its own."""
+    from diversedit import bench
+
+    out = tmp_path / "bench.json"
+    saved: list[list] = []
+    profile = {"top": [], "kernel_ms": {}, "gpu_idle": {"kernels": 9, "idle_ms": 1.25,
+                                                        "span_ms": 10.0}}  # fmt: skip
+
+    def fake_profile(*_args, **_kwargs):
+        saved.append([r["profile"] for r in json.loads(out.read_text())["train_step"]])
+        return profile
+
+    monkeypatch.setattr(bench, "profile_step", fake_profile)
+    main(["bench", "--sizes", "tiny", "--variants", "sit,diversedit", "--batch", "2",
+          "--steps", "1", "--no-interleave", "--parts", "train", "--profile",
+          "--out", str(out)])  # fmt: skip
+    assert saved == [[None], [profile, None]]  # diversedit timed after sit's profile
+    rows = json.loads(out.read_text())["train_step"]
+    assert [r["profile"]["gpu_idle"]["idle_ms"] for r in rows] == [1.25, 1.25]
+    printed = capsys.readouterr().out
+    assert printed.count("GPU idle 1.2 of 10.0 ms (profiled)") == 2
 
 
 def test_an_accumulated_step_averages_its_micro_batches(monkeypatch):

@@ -16,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import product
@@ -272,7 +272,6 @@ def _train_line(r: dict[str, Any]) -> str:
         + (f"  peak {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] else "")
         + (f"  host {r['host_ms']:.1f} ms" if r["host_ms"] is not None else "")
         + (f"  ready in {r['ready_s']:.0f} s" if r["compiled"] else "")
-        + _idle_text(r["profile"])
         + (f"  {r['page_faults']:.0f} page faults" if r["device"] == "cpu" else "")
         + (f"  {r['overhead_vs_sit']:+.1%}" if r["overhead_vs_sit"] is not None else "")
         + (f" (paired {r['overhead_paired']:+.1%}, 95% {ci[0]:+.1%}..{ci[1]:+.1%})"
@@ -471,10 +470,11 @@ def bench_train_step(
     warmup: int = WARMUP["train"],
     steps: int = 10,
     profile: bool = False,
+    on_timed: Callable[[StepResult], None] | None = None,
 ) -> StepResult:
     """Median step time of one variant, timed alone, with its peak memory (on CUDA over the
     timed steps, on the CPU see :func:`_prepare_warm`); with ``profile``, two more steps under
-    the profiler give its top operators."""
+    the profiler give its top operators. ``on_timed`` gets the result before the profile."""
     device = settings.device
     step, flops, peak, ready_s = _prepare_warm(size, variant, settings, warmup)
     cuda = device.startswith("cuda")
@@ -486,6 +486,8 @@ def bench_train_step(
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     result = _result(size, variant, settings, times, flops, peak, faults, host, ready_s)
+    if on_timed is not None:
+        on_timed(result)
     result.profile = profile_step(step, device) if profile else None
     return result
 
@@ -503,8 +505,7 @@ def bench_train_steps_interleaved(
     """Median step times of all variants, timed round-robin (one step of each in turn), so slow
     drift of a shared or throttled machine hits every variant alike. Peak memory on the CPU
     only (:func:`_prepare_warm`; on CUDA the variants' tensors share the device's statistics).
-    ``on_timed`` gets each result when every round is done, before any profile, so a run cut
-    short while profiling keeps its timings."""
+    ``on_timed`` gets each result when every round is done, before any profile."""
     device = settings.device
     prepared = {v: _prepare_warm(size, v, settings, warmup) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -924,21 +925,26 @@ def run(
     for size in sizes:
         if compile_model:  # a fresh graph cache: torch stops compiling after 8 graphs a function
             torch._dynamo.reset()
-        base = None
-        if "train" in parts and interleave:  # saved as timed; profiles are added after
-            first = len(report["train_step"])
+        base, first = None, len(report["train_step"])
+        # each record saved once timed, its profile added after: a run cut short while
+        # profiling (a time limit) keeps its timings
+        if "train" not in parts:
+            results: Iterable[StepResult] = ()
+        elif interleave:
             results = bench_train_steps_interleaved(
                 size, variants, step_settings, on_timed=record, **kw
             )
-            timed = zip(report["train_step"][first:], results, strict=True)
-            for r, result in timed if profile else ():
+        else:
+            results = (
+                bench_train_step(size, v, step_settings, on_timed=record, **kw) for v in variants
+            )
+        for i, result in enumerate(results):
+            if profile:
+                r = report["train_step"][first + i]
                 r["profile"] = result.profile
                 if idle := _idle_text(r["profile"]):
                     print(f"{size:>5} {_label(r):>16}{idle}", flush=True)
                 save()
-        elif "train" in parts:
-            for variant in variants:
-                record(bench_train_step(size, variant, step_settings, **kw))
         impls = [i for i in LOSS_IMPLS if not i.startswith("triton") or device.startswith("cuda")]
         for impl in impls if "loss" in parts else ():
             r = bench_diversity_loss(
