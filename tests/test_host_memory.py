@@ -33,7 +33,9 @@ step, _ = prepare_train_step("tiny", "diversedit", StepSettings(batch=8, dtype="
 # merges with a neighbour: the heap grows by a few blocks first (1–8 calls seen here), then
 # stops; a heap that kept growing fails this.
 LARGE = "x = torch.ones(12, 2048, 384)"
-CASES = {"tiny_step": (STEP, "step()", 3, 5), "36MiB": (LARGE, "x * 2", 20, 9)}
+# A step's heap still grows now and then after its third call (a few hundred faults in one of
+# three to five calls, seen here), so its median is taken over nine calls after six.
+CASES = {"tiny_step": (STEP, "step()", 6, 9), "36MiB": (LARGE, "x * 2", 20, 9)}
 
 
 def _faults(setup: str, call: str, warmup: int, calls: int) -> dict[str, tuple[bool, int]]:
