@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from diversedit.__main__ import main
+from diversedit.bench import parts as bench_parts
+from diversedit.bench import steps as bench_steps
+from diversedit.bench import timing as bench_timing
 from diversedit.overhead import pool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,14 +159,14 @@ def test_host_time_is_the_time_to_return(monkeypatch):
     from diversedit import bench
 
     host: list[float] = []
-    times = bench._time(lambda: time.sleep(0.002), "cpu", 1, 3, host=host)
+    times = bench_timing.time_calls(lambda: time.sleep(0.002), "cpu", 1, 3, host=host)
     assert len(host) == 3 and all(0.002 <= h <= t for h, t in zip(host, times, strict=True))
     args = ("tiny", "sit")
     steps, faults, launches = [0.05, 0.04, 0.06], [0, 0, 0], [0.01, 0.03, 0.02]
-    cuda = bench._result(*args, bench.StepSettings(device="cuda"), steps, None, 1.0, faults,
+    cuda = bench_steps._result(*args, bench.StepSettings(device="cuda"), steps, None, 1.0, faults,
                          launches)  # fmt: skip
     assert cuda.host_ms == pytest.approx(20.0) and cuda.step_ms == pytest.approx(50.0)
-    cpu = bench._result(*args, bench.StepSettings(), steps, None, None, faults, launches)
+    cpu = bench_steps._result(*args, bench.StepSettings(), steps, None, None, faults, launches)
     assert cpu.host_ms is None
 
 
@@ -185,7 +188,7 @@ def test_timings_are_saved_before_their_profile(interleave, tmp_path, monkeypatc
         seen.extend(json.loads(out.read_text())["train_step"])
         raise _Cut
 
-    monkeypatch.setattr(bench, "profile_step", cut_profile)
+    monkeypatch.setattr(bench_steps, "profile_step", cut_profile)
     with pytest.raises(_Cut):
         main(["bench", "--sizes", "tiny", "--variants", "sit,diversedit", "--batch", "2",
               "--steps", "2", "--interleave" if interleave else "--no-interleave",
@@ -202,8 +205,6 @@ def test_timings_are_saved_before_their_profile(interleave, tmp_path, monkeypatc
 def test_profiles_are_added_to_the_saved_records(tmp_path, monkeypatch, capsys):
     """Profiled one after another, each variant's profile joins its record before the next
     variant is timed, and its GPU idle time is printed on a line of its own."""
-    from diversedit import bench
-
     out = tmp_path / "bench.json"
     saved: list[list] = []
     profile = {"top": [], "kernel_ms": {}, "gpu_idle": {"kernels": 9, "idle_ms": 1.25,
@@ -213,7 +214,7 @@ def test_profiles_are_added_to_the_saved_records(tmp_path, monkeypatch, capsys):
         saved.append([r["profile"] for r in json.loads(out.read_text())["train_step"]])
         return profile
 
-    monkeypatch.setattr(bench, "profile_step", fake_profile)
+    monkeypatch.setattr(bench_steps, "profile_step", fake_profile)
     main(["bench", "--sizes", "tiny", "--variants", "sit,diversedit", "--batch", "2",
           "--steps", "1", "--no-interleave", "--parts", "train", "--profile",
           "--out", str(out)])  # fmt: skip
@@ -244,8 +245,8 @@ def test_an_accumulated_step_averages_its_micro_batches(monkeypatch):
         first = trained(model)
         return torch.optim.SGD(model.parameters()), lambda: updates.append(first.grad.clone())
 
-    monkeypatch.setattr(bench, "compute_loss", loss_of)
-    monkeypatch.setattr(bench, "_update", fake_update)
+    monkeypatch.setattr(bench_steps, "compute_loss", loss_of)
+    monkeypatch.setattr(bench_steps, "make_update", fake_update)
     step, _ = bench.prepare_train_step("tiny", "sit", bench.StepSettings(batch=2, accum=3))
     step()
     assert len(seen) == 3 and len(updates) == 1
@@ -253,8 +254,8 @@ def test_an_accumulated_step_averages_its_micro_batches(monkeypatch):
     assert torch.allclose(updates[0], torch.ones_like(updates[0]))  # mean of three, not sum
     with pytest.raises(ValueError, match="accum must be >= 1, got 0"):
         bench.StepSettings(accum=0)
-    result = bench._result("tiny", "sit", bench.StepSettings(batch=2, accum=3), [0.5], None, None,
-                           [0], [0.5])  # fmt: skip
+    settings = bench.StepSettings(batch=2, accum=3)
+    result = bench_steps._result("tiny", "sit", settings, [0.5], None, None, [0], [0.5])
     assert result.images_per_s == pytest.approx(12.0) and result.accum == 3
 
 
@@ -304,9 +305,9 @@ def test_mfu_is_reckoned_against_the_settings_peak(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU the name can't tell
     steps = [0.05, 0.04, 0.06]
     given = bench.StepSettings(device="cuda", peak_flops=1e12)
-    result = bench._result("tiny", "sit", given, steps, 1e10, None, [0, 0, 0], steps)
+    result = bench_steps._result("tiny", "sit", given, steps, 1e10, None, [0, 0, 0], steps)
     assert result.mfu == pytest.approx(1e10 / 0.05 / 1e12)
-    assert bench._result("tiny", "sit", bench.StepSettings(device="cuda"), steps, 1e10, None,
+    assert bench_steps._result("tiny", "sit", bench.StepSettings(device="cuda"), steps, 1e10, None,
                          [0, 0, 0], steps).mfu is None  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
@@ -393,7 +394,7 @@ def test_compiled_sampler_bench_times_it_against_eager(monkeypatch, capsys):
 
     monkeypatch.setattr(torch, "compile", compile_)
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
-    monkeypatch.setattr(bench, "euler_maruyama_sampler", sampler)
+    monkeypatch.setattr(bench_parts, "euler_maruyama_sampler", sampler)
     rounds = 6
     report = bench.run(
         ["tiny", "S/8"], ["sit"], device="cpu", batch=2, dtype=None, compile_model=True,
@@ -428,7 +429,7 @@ def test_sampler_bench_runs_the_network_as_sampling_does(monkeypatch, precision,
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), *flags))
         return z
 
-    monkeypatch.setattr(bench, "euler_maruyama_sampler", sampler)
+    monkeypatch.setattr(bench_parts, "euler_maruyama_sampler", sampler)
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     r = bench.bench_sampler("tiny", batch=2, precision=precision, tf32=tf32, steps=1)
     autocast = (True, torch.bfloat16) if precision == "bf16" else (False,)
@@ -515,7 +516,7 @@ def test_bench_cli_rejects_unknown_choices(flag, tmp_path):
 
 
 def test_kernel_classes():
-    from diversedit.bench import kernel_class
+    from diversedit.bench.profiling import kernel_class
 
     assert kernel_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "gemm"
     assert kernel_class("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT") == "gemm"

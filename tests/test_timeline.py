@@ -7,7 +7,8 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile
 
-from diversedit.bench import _idle_text, gpu_timeline
+from diversedit.bench import _idle_text
+from diversedit.bench.profiling import gpu_timeline
 from diversedit.timeline import idle_summary, trace_intervals
 
 
