@@ -462,7 +462,7 @@ def test_bench_times_steps_with_the_triton_statistics(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "update", ["compiled", pytest.param("triton", marks=pytest.mark.triton_interpreted)]
 )
-def test_bench_times_the_fused_update(update, tmp_path, monkeypatch):
+def test_bench_times_the_fused_update(update, tmp_path, monkeypatch, capsys):
     """``--update compiled|triton``: the steps take the fused update and the optimizer part
     times it next to the library update. Both run the eager function here (on the CPU
     torch.compile takes minutes for the tiny model's 132 tensors and Triton's interpreter
@@ -488,7 +488,10 @@ def test_bench_times_the_fused_update(update, tmp_path, monkeypatch):
     assert row["update"] == report["settings"]["update"] == update
     (timed,) = report["optimizer"]
     assert timed[f"{update}_update_ms"] > 0 and timed["update_ms"] > 0
-    assert timed[f"{update}_update_first_call_s"] > 0
+    assert timed[f"{update}_update_first_call_s"] > 0 and timed["update"] == update
+    assert re.search(
+        rf"tiny update [0-9.]+ ms \({update} [0-9.]+ ms\): AdamW", capsys.readouterr().out
+    )
     name = {"compiled": "_foreach_update", "triton": "triton"}[update]
     assert compiled == [name] * len(compiled) and len(compiled) >= 2  # steps, optimizer part
     if update == "triton":

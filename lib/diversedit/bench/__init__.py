@@ -118,6 +118,44 @@ def _train_line(r: dict[str, Any]) -> str:
     )  # fmt: skip
 
 
+def _loss_line(r: dict[str, Any]) -> str:
+    return f"{r['size']:>5} diversity loss {r['impl']:>9} {r['fwd_bwd_ms']:8.2f} ms"
+
+
+def _update_line(r: dict[str, Any]) -> str:
+    fused = r.get(f"{r['update']}_update_ms")
+    fused = f" ({r['update']} {fused:.2f} ms)" if fused is not None else ""
+    return (
+        f"{r['size']:>5} update {r['update_ms']:.2f} ms{fused}: AdamW {r['adamw_step_ms']:.2f} ms, "
+        f"clip {r['clip_grad_norm_ms']:.2f} ms, EMA {r['ema_lerp_ms']:.2f} ms"
+    )
+
+
+def _sampler_line(r: dict[str, Any]) -> str:
+    numerics = r["precision"]
+    if r["precision"] == "fp32" and r["tf32"] is not None:  # CUDA float32: TF32 or IEEE
+        numerics += " TF32" if r["tf32"] else " IEEE"
+    ci = r.get("speedup_ci95")
+    return (
+        f"{r['size']:>5} sampler SDE {numerics}{' compiled' * r['compiled']} "
+        f"cfg {r['cfg_scale']:.1f} {r['images_per_s_250_steps']:9.3f} img/s at 250 steps "
+        f"({r['sde_step_ms']:.1f} ms per step, batch {r['batch']})"
+        + (f"; ×{r['speedup_paired']:.2f} over eager" if r["compiled"] else "")
+        + (f" (95% ×{ci[0]:.2f}..×{ci[1]:.2f})" if ci else "")
+    )
+
+
+def _inception_line(r: dict[str, Any]) -> str:
+    return f"inception {r['images_per_s']:9.1f} img/s ({r['weights']})"
+
+
+# The printed line of each part's record (training steps: :func:`_train_line`).
+LINES = {
+    "diversity_loss": _loss_line, "optimizer": _update_line, "sampler": _sampler_line,
+    "inception": _inception_line,
+}  # fmt: skip
+
+
 def _describe(variant: str) -> dict[str, Any]:
     """A variant's model options and objective terms, as recorded with its measurements."""
     model_kw, obj_kw = VARIANTS[variant]
@@ -258,6 +296,11 @@ def run(
         if out is not None:
             atomic_write_bytes(out, json.dumps(report, indent=2).encode())
 
+    def add(part: str, r: dict[str, Any]) -> None:
+        report[part].append(r)
+        print(LINES[part](r), flush=True)
+        save()
+
     base: dict[str, Any] | None = None  # the size's SiT record
 
     def record(result: StepResult) -> None:
@@ -300,52 +343,22 @@ def run(
                 save()
         impls = [i for i in LOSS_IMPLS if not i.startswith("triton") or device.startswith("cuda")]
         for impl in impls if "loss" in parts else ():
-            r = bench_diversity_loss(
+            add("diversity_loss", bench_diversity_loss(
                 size, impl, device=device, batch=batch, dtype=dtype, steps=steps, profile=profile
-            )
-            report["diversity_loss"].append(r)
-            print(f"{size:>5} diversity loss {impl:>9} {r['fwd_bwd_ms']:8.2f} ms", flush=True)
-            save()
+            ))  # fmt: skip
         if "optimizer" in parts:
-            r = bench_optimizer(size, device=device, steps=steps, update=update)
-            report["optimizer"].append(r)
-            fused = r.get(f"{update}_update_ms")
-            print(
-                f"{size:>5} update {r['update_ms']:.2f} ms"
-                + (f" ({update} {fused:.2f} ms)" if fused is not None else "")
-                + f": AdamW {r['adamw_step_ms']:.2f} ms, clip "
-                f"{r['clip_grad_norm_ms']:.2f} ms, EMA {r['ema_lerp_ms']:.2f} ms",
-                flush=True,
-            )
-            save()
+            add("optimizer", bench_optimizer(size, device=device, steps=steps, update=update))
         # the CPU, and compiled sampling (a compilation per setting): the default numerics only
         all_numerics = device.startswith("cuda") and not compile_model
         for (precision, tf32), scale in product(
             SAMPLER_NUMERICS if all_numerics else SAMPLER_NUMERICS[:1],
             (1.0, 1.8) if "sampler" in parts else (),
         ):
-            r = bench_sampler(
+            add("sampler", bench_sampler(
                 size, device=device, cfg_scale=scale, precision=precision, tf32=tf32,
                 compiled=compile_model, rounds=steps,
-            )  # fmt: skip
-            report["sampler"].append(r)
-            numerics = precision
-            if precision == "fp32" and r["tf32"] is not None:  # CUDA float32: TF32 or IEEE
-                numerics += " TF32" if tf32 else " IEEE"
-            numerics += " compiled" if compile_model else ""
-            ci = r.get("speedup_ci95")
-            print(
-                f"{size:>5} sampler SDE {numerics} cfg {scale:.1f} "
-                f"{r['images_per_s_250_steps']:9.3f} img/s at 250 steps "
-                f"({r['sde_step_ms']:.1f} ms per step, batch {r['batch']})"
-                + (f"; ×{r['speedup_paired']:.2f} over eager" if compile_model else "")
-                + (f" (95% ×{ci[0]:.2f}..×{ci[1]:.2f})" if ci else ""),
-                flush=True,
-            )  # fmt: skip
-            save()
+            ))  # fmt: skip
     if "inception" in parts:
-        r = bench_inception(device=device, batch=settings["inception_batch"], batches=steps)
-        report["inception"].append(r)
-        print(f"inception {r['images_per_s']:9.1f} img/s ({r['weights']})", flush=True)
-        save()
+        add("inception", bench_inception(device=device, batch=settings["inception_batch"],
+                                         batches=steps))  # fmt: skip
     return report

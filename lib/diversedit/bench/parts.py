@@ -90,7 +90,13 @@ def bench_optimizer(
     def ms(fn: Callable[[], Any]) -> float:
         return 1e3 * statistics.median(time_calls(fn, device, WARMUP["optimizer"], steps))
 
-    out = {"size": size, "device": device, "params": count, "tensors": len(params)}
+    out = {
+        "size": size,
+        "device": device,
+        "update": update,
+        "params": count,
+        "tensors": len(params),
+    }
     out["update_ms"] = ms(make_update(model, device, "library")[1])  # its state freed on return
     if update != "library":
         fused = make_update(model, device, update)[1]
