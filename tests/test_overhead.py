@@ -129,3 +129,69 @@ def test_overhead_cli(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             main(["overhead", *args])
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_process_pairs_give_one_ratio_each(tmp_path):
+    """``pairs``: records two by two, SiT alone then the other variants alone (each in its own
+    process); each pair is one ratio of median steps, pooled over pairs of one measurement."""
+    ratios = [0.06, 0.11, 0.08, 0.09, 0.10, 0.07]
+    paths = []
+    for i, ratio in enumerate(ratios):
+        base = [200.0 + i, 100.0 + i, 100.0 + i]  # median 100 + i
+        paths += [
+            record(tmp_path / f"p{i}_sit.json", [step("sit", base, timing="sequential")]),
+            record(tmp_path / f"p{i}_div.json", [
+                step("diversedit", [(100.0 + i) * (1 + ratio)] * 3, timing="sequential"),
+                step("long_skip", [(100.0 + i) * 1.08] * 3, timing="sequential"),
+            ], git_commit="b" * 40 if i == 5 else "a" * 40),
+        ]  # fmt: skip
+    pooled, skipped = pool(paths, pairs=True)
+    assert skipped == []
+    div, skip = pooled
+    assert (div["variant"], div["rounds"], div["unit"]) == ("diversedit", 6, "process pairs")
+    assert div["overhead"] == pytest.approx(statistics.median(ratios))
+    assert div["ci95"] == pytest.approx(median_ci(ratios)) and div["ci95"] is not None
+    assert skip["overhead"] == pytest.approx(0.08)
+    assert div["revisions"] == ["aaaaaaaaaa", "aaaaaaaaaa / bbbbbbbbbb"]
+    text = summary(pooled, skipped, target=0.10)
+    assert f"  {paths[0]}, {paths[1]} (aaaaaaaaaa): +6.0%" in text
+    assert "  pooled (6 process pairs): +8.5% [+6.0%, +11.0%]: undecided at <= 10.0%" in text
+    assert pool(paths)[0] == []  # read as interleaved records, nothing pairs
+
+
+def test_process_pairs_skip_what_is_not_a_pair(tmp_path):
+    sit = record(tmp_path / "sit.json", [step("sit", [1.0] * 3, timing="sequential")])
+    both = record(tmp_path / "both.json", [step("sit", [1.0] * 3), step("diversedit", [1.1] * 3)])
+    other = record(tmp_path / "b4.json", [step("diversedit", [1.1] * 3, batch=4)])
+    div = record(tmp_path / "div.json", [step("diversedit", [1.1] * 3)])
+    pooled, skipped = pool([both, div, sit, other, sit, both], pairs=True)
+    assert pooled == []
+    assert skipped == [
+        f"{both}: not a record of sit alone, the first of a pair",
+        f"{other}: S/2 diversedit: another measurement than {sit}'s sit",
+        f"{both}: holds sit too, not the second record of a pair",
+    ]
+    with pytest.raises(ValueError, match="--pairs: 3 records, an odd number"):
+        pool([sit, div, sit], pairs=True)
+
+
+def test_overhead_cli_pairs(tmp_path, capsys):
+    paths = []
+    for i in range(6):
+        paths += [
+            record(tmp_path / f"{i}s.json", [step("sit", [100.0], timing="sequential")]),
+            record(tmp_path / f"{i}d.json", [step("diversedit", [105.0], timing="sequential")]),
+        ]  # fmt: skip
+    out = tmp_path / "pairs.json"
+    main(["overhead", "--pairs", *map(str, paths), "--target", "0.1", "--out", str(out)])
+    assert "pooled (6 process pairs): +5.0% [+5.0%, +5.0%]: met at <= 10.0%" in (
+        capsys.readouterr().out
+    )
+    assert json.loads(out.read_text())["pairs"] is True
+    for args, message in [
+        (paths[:3], "--pairs: 3 records, an odd number"),
+        (paths[1:3], "no process pairs of a variant and 'sit' to pair"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["overhead", "--pairs", *map(str, args)])
+        assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -86,15 +86,17 @@ def _overhead(args: argparse.Namespace) -> None:
         )
     _check_out("overhead", args.out)
     try:
-        pooled, skipped = pool(args.records, base=args.base)
+        pooled, skipped = pool(args.records, base=args.base, pairs=args.pairs)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if not pooled:
-        raise UsageError(f"no interleaved timings of a variant and {args.base!r} to pair:\n"
+        what = "process pairs" if args.pairs else "interleaved timings"
+        raise UsageError(f"no {what} of a variant and {args.base!r} to pair:\n"
                          + "\n".join(skipped))  # fmt: skip
     print(summary(pooled, skipped, args.target))
     if args.out is not None:
-        doc = {"base": args.base, "target": args.target, "pooled": pooled, "skipped": skipped}
+        doc = {"base": args.base, "pairs": args.pairs, "target": args.target, "pooled": pooled,
+               "skipped": skipped}  # fmt: skip
         atomic_write_bytes(args.out, json.dumps(doc, indent=2).encode())
 
 
@@ -311,6 +313,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     over.add_argument("records", type=Path, nargs="+", help="bench JSON records")
     over.add_argument("--base", default="sit", help="the variant the others are paired with")
+    over.add_argument(
+        "--pairs",
+        action="store_true",
+        help="the records come two by two, each variant timed alone in its own process: a "
+        "record of the base, then one of the other variants; each pair gives one ratio of "
+        "median steps (for variants that do not fit in memory together)",
+    )
     over.add_argument(
         "--target",
         type=float,

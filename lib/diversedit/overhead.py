@@ -6,7 +6,10 @@ interval. On a shared machine one record's interval is often too wide to decide 
 :func:`pool` puts together the rounds of several records of the same measurement (size, batch,
 dtype, device, step settings, machine and versions) and lists the code revisions it pooled.
 A target is met or not only when the whole interval lies on one side of it (:func:`verdict`).
-Standard library only: reading records needs no torch.
+Where two variants do not fit in memory together (SiT-XL/2 on a 24 GiB CPU machine), each is
+timed alone in its own process, in turn: :func:`pool` with ``pairs`` reads such records two by
+two, and each pair gives one ratio of median steps. Standard library only: reading records
+needs no torch.
 """
 
 from __future__ import annotations
@@ -97,18 +100,81 @@ def _revision(machine: dict[str, Any]) -> str:
     return str(machine.get("git_commit", "unknown"))[:10] + "+dirty" * bool(machine.get("dirty"))
 
 
-def pool(paths: Iterable[Path], base: str = "sit") -> tuple[list[dict[str, Any]], list[str]]:
+def _median_ms(step: dict[str, Any]) -> float:
+    """A step's median time: over its recorded steps, else the record's ``step_ms``."""
+    times = step.get("step_times_ms")
+    return statistics.median(times) if times else step["step_ms"]
+
+
+def _add(
+    groups: dict[tuple[str, str], dict[str, Any]], step: dict[str, Any], record: dict[str, Any],
+    base: str, ratios: list[float], entry: dict[str, Any],
+) -> None:  # fmt: skip
+    """Add a record's (or a pair's) ratios to the group of its measurement and variant."""
+    group = groups.setdefault((_key(step, record), step["variant"]), {
+        "measurement": _measurement(step, record), "variant": step["variant"], "base": base,
+        "ratios": [], "records": [],
+    })  # fmt: skip
+    group["ratios"] += ratios
+    overhead, ci = _median_and_ci(ratios)
+    group["records"].append(entry | {"rounds": len(ratios), "overhead": overhead, "ci95": ci})
+
+
+def _pairs(
+    paths: Sequence[Path], base: str, groups: dict[tuple[str, str], dict[str, Any]]
+) -> list[str]:
+    """Group the ratios of records given two by two, a ``base`` record and then a record of
+    other variants, each timed alone in its own process; return what was skipped."""
+    if len(paths) % 2:
+        raise ValueError(
+            f"--pairs: {len(paths)} records, an odd number; give a {base} record and then a "
+            "record of the other variants for each pair"
+        )
+    skipped = []
+    for base_path, path in zip(paths[::2], paths[1::2], strict=True):
+        base_record, record = _load(base_path), _load(path)
+        bases = {_key(s, base_record): s for s in base_record["train_step"]
+                 if isinstance(s, dict) and s.get("variant") == base}  # fmt: skip
+        others = [s for s in base_record["train_step"] if isinstance(s, dict) and s not in
+                  bases.values()]  # fmt: skip
+        if not bases or others:
+            skipped.append(f"{base_path}: not a record of {base} alone, the first of a pair")
+            continue
+        steps = [s for s in record["train_step"] if isinstance(s, dict)]
+        if any(s.get("variant") == base for s in steps):
+            skipped.append(f"{path}: holds {base} too, not the second record of a pair")
+            continue
+        for step in steps:
+            what = f"{path}: {step.get('size')} {step.get('variant')}"
+            key = _key(step, record)
+            if key not in bases:
+                skipped.append(f"{what}: another measurement than {base_path}'s {base}")
+            else:
+                ratio = _median_ms(step) / _median_ms(bases[key]) - 1
+                revision = _revision(record["machine"])
+                if (base_revision := _revision(base_record["machine"])) != revision:
+                    revision = f"{base_revision} / {revision}"
+                entry = {"file": str(path), "base_file": str(base_path), "revision": revision}
+                _add(groups, step, record, base, [ratio], entry)
+    return skipped
+
+
+def pool(
+    paths: Iterable[Path], base: str = "sit", pairs: bool = False
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The paired overhead of every variant over ``base`` in each record and pooled over
     records of the same measurement (:func:`_measurement`): one dict per measurement and
     variant, with its ``measurement``, ``rounds``, ``overhead`` (median), ``ci95``, the
     ``records`` (file, revision, rounds, median, interval) and the distinct ``revisions``
     pooled; and what was skipped, one ``file: reason`` line each (only interleaved rounds pair,
-    and only with the base timed in the same record). A file that is not a benchmark record
-    raises ValueError naming it.
+    and only with the base timed in the same record). With ``pairs`` the records are read two
+    by two instead (:func:`_pairs`): each pair is one round, the ratio of its median steps, and
+    ``unit`` says ``process pairs``. A file that is not a benchmark record raises ValueError
+    naming it.
     """
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     skipped: list[str] = []
-    for path in map(Path, paths):
+    for path in () if pairs else map(Path, paths):
         record = _load(path)
         steps = [s for s in record["train_step"] if isinstance(s, dict)]
         bases = {_key(s, record): s for s in steps if s.get("variant") == base}
@@ -126,28 +192,23 @@ def pool(paths: Iterable[Path], base: str = "sit") -> tuple[list[dict[str, Any]]
                 skipped.append(f"{what}: no {base} timings in the same rounds")
                 continue
             ratios = round_ratios(step["step_times_ms"], bases[key]["step_times_ms"])
-            group = groups.setdefault((key, step["variant"]), {
-                "measurement": _measurement(step, record), "variant": step["variant"],
-                "base": base, "ratios": [], "records": [],
-            })  # fmt: skip
-            group["ratios"] += ratios
-            overhead, ci = _median_and_ci(ratios)
-            group["records"].append({
-                "file": str(path), "revision": _revision(record["machine"]),
-                "rounds": len(ratios), "overhead": overhead, "ci95": ci,
-            })  # fmt: skip
+            entry = {"file": str(path), "revision": _revision(record["machine"])}
+            _add(groups, step, record, base, ratios, entry)
+    if pairs:
+        skipped += _pairs([Path(p) for p in paths], base, groups)
     pooled = []
     for group in groups.values():
         ratios = group.pop("ratios")
         revisions = list(dict.fromkeys(r["revision"] for r in group["records"]))
         overhead, ci = _median_and_ci(ratios)
         pooled.append(group | {"rounds": len(ratios), "overhead": overhead, "ci95": ci,
-                               "revisions": revisions})  # fmt: skip
+                               "revisions": revisions,
+                               "unit": "process pairs" if pairs else "rounds"})  # fmt: skip
     return pooled, skipped
 
 
-def _interval(ci: tuple[float, float] | None) -> str:
-    return f"[{ci[0]:+.1%}, {ci[1]:+.1%}]" if ci else "(too few rounds)"
+def _interval(ci: tuple[float, float] | None, unit: str = "rounds") -> str:
+    return f"[{ci[0]:+.1%}, {ci[1]:+.1%}]" if ci else f"(too few {unit})"
 
 
 def summary(
@@ -163,11 +224,16 @@ def summary(
             f"{p['base']}"
         )
         for r in p["records"]:
+            if "base_file" in r:  # a process pair: one ratio, no interval
+                lines.append(f"  {r['base_file']}, {r['file']} ({r['revision']}): "
+                             f"{r['overhead']:+.1%}")  # fmt: skip
+                continue
             lines.append(
                 f"  {r['file']} ({r['revision']}, {r['rounds']} rounds): {r['overhead']:+.1%} "
                 f"{_interval(r['ci95'])}"
             )
-        line = f"  pooled ({p['rounds']} rounds): {p['overhead']:+.1%} {_interval(p['ci95'])}"
+        unit = p.get("unit", "rounds")
+        line = f"  pooled ({p['rounds']} {unit}): {p['overhead']:+.1%} {_interval(p['ci95'], unit)}"
         if target is not None:
             line += f": {verdict(p['ci95'], target)} at <= {target:.1%}"
         lines.append(line)
