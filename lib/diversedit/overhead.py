@@ -120,6 +120,34 @@ def _add(
     group["records"].append(entry | {"rounds": len(ratios), "overhead": overhead, "ci95": ci})
 
 
+def _rounds(
+    paths: Sequence[Path], base: str, groups: dict[tuple[str, str], dict[str, Any]]
+) -> list[str]:
+    """Group the per-round ratios of interleaved records; return what was skipped."""
+    skipped = []
+    for path in map(Path, paths):
+        record = _load(path)
+        steps = [s for s in record["train_step"] if isinstance(s, dict)]
+        bases = {_key(s, record): s for s in steps if s.get("variant") == base}
+        for step in steps:
+            what = f"{path}: {step.get('size')} {step.get('variant')}"
+            if step.get("variant") == base:
+                continue
+            if step.get("timing") != "interleaved" or not step.get("step_times_ms"):
+                skipped.append(f"{what}: not timed in interleaved rounds")
+                continue
+            key = _key(step, record)
+            if key not in bases or len(bases[key].get("step_times_ms") or ()) != len(
+                step["step_times_ms"]
+            ):
+                skipped.append(f"{what}: no {base} timings in the same rounds")
+                continue
+            ratios = round_ratios(step["step_times_ms"], bases[key]["step_times_ms"])
+            entry = {"file": str(path), "revision": _revision(record["machine"])}
+            _add(groups, step, record, base, ratios, entry)
+    return skipped
+
+
 def _pairs(
     paths: Sequence[Path], base: str, groups: dict[tuple[str, str], dict[str, Any]]
 ) -> list[str]:
@@ -173,29 +201,7 @@ def pool(
     naming it.
     """
     groups: dict[tuple[str, str], dict[str, Any]] = {}
-    skipped: list[str] = []
-    for path in () if pairs else map(Path, paths):
-        record = _load(path)
-        steps = [s for s in record["train_step"] if isinstance(s, dict)]
-        bases = {_key(s, record): s for s in steps if s.get("variant") == base}
-        for step in steps:
-            what = f"{path}: {step.get('size')} {step.get('variant')}"
-            if step.get("variant") == base:
-                continue
-            if step.get("timing") != "interleaved" or not step.get("step_times_ms"):
-                skipped.append(f"{what}: not timed in interleaved rounds")
-                continue
-            key = _key(step, record)
-            if key not in bases or len(bases[key].get("step_times_ms") or ()) != len(
-                step["step_times_ms"]
-            ):
-                skipped.append(f"{what}: no {base} timings in the same rounds")
-                continue
-            ratios = round_ratios(step["step_times_ms"], bases[key]["step_times_ms"])
-            entry = {"file": str(path), "revision": _revision(record["machine"])}
-            _add(groups, step, record, base, ratios, entry)
-    if pairs:
-        skipped += _pairs([Path(p) for p in paths], base, groups)
+    skipped = (_pairs if pairs else _rounds)(list(map(Path, paths)), base, groups)
     pooled = []
     for group in groups.values():
         ratios = group.pop("ratios")
