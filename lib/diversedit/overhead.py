@@ -161,11 +161,9 @@ def _pairs(
     skipped = []
     for base_path, path in zip(paths[::2], paths[1::2], strict=True):
         base_record, record = _load(base_path), _load(path)
-        bases = {_key(s, base_record): s for s in base_record["train_step"]
-                 if isinstance(s, dict) and s.get("variant") == base}  # fmt: skip
-        others = [s for s in base_record["train_step"] if isinstance(s, dict) and s not in
-                  bases.values()]  # fmt: skip
-        if not bases or others:
+        firsts = [s for s in base_record["train_step"] if isinstance(s, dict)]
+        bases = {_key(s, base_record): s for s in firsts}
+        if not firsts or any(s.get("variant") != base for s in firsts):
             skipped.append(f"{base_path}: not a record of {base} alone, the first of a pair")
             continue
         steps = [s for s in record["train_step"] if isinstance(s, dict)]

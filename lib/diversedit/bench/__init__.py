@@ -249,7 +249,7 @@ def run(
     """Benchmark ``parts`` (train, loss, optimizer, sampler, inception) for every size; writes
     the JSON after each measurement. ``interleave`` (default: on CPU) times the training variants
     round-robin instead of one after another. ``dtype`` None: bf16 on CUDA, fp32 elsewhere. On
-    the CPU, freed memory stays in the process as in CPU training (:mod:`.host_memory`).
+    the CPU, freed memory stays in the process as in CPU training (:mod:`..host_memory`).
     ``peak_tflops``: the dense bf16 peak for MFU on a GPU that :data:`BF16_PEAK` lacks, or
     another than the one it lists. ``accum``: micro-batches of ``batch`` per training step.
     """

@@ -34,7 +34,7 @@ def profile_step(
     compiled kernels) by self time (device time on CUDA, CPU time otherwise), and on CUDA the
     summed kernel time per :data:`KERNEL_CLASSES` class (``kernel_ms``, with ``total``) and the
     GPU's idle time between kernels with what the host ran meanwhile (``gpu_idle``,
-    :func:`~.timeline.idle_summary`)."""
+    :func:`~..timeline.idle_summary`)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
@@ -73,7 +73,7 @@ def detach_cupti_after_profiles() -> None:
 
 def gpu_timeline(events: Sequence[Any], steps: int) -> dict[str, Any]:
     """``kernel_ms`` (summed kernel time per :data:`KERNEL_CLASSES` class and ``total``, ms
-    per step) and ``gpu_idle`` (:func:`~.timeline.idle_summary`) from a CUDA profile's events."""
+    per step) and ``gpu_idle`` (:func:`~..timeline.idle_summary`) from a CUDA profile's events."""
     from torch.autograd import DeviceType
 
     kernels = trace_intervals(events, DeviceType.CUDA)

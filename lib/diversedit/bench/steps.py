@@ -78,7 +78,7 @@ def training_state_bytes(size: str, variant: str) -> int:
 class StepSettings:
     """How a training step is run: device, per-device batch, autocast dtype (None: bf16 on
     CUDA, fp32 elsewhere), compilation, whether the diversity statistics come from the Triton
-    kernels and whether the parameter update is the compiled one (:mod:`.update`); the dense
+    kernels and whether the parameter update is the compiled one (:mod:`..update`); the dense
     bf16 peak (FLOP/s) its MFU is reckoned against (None: the GPU's, :func:`bf16_peak`); and
     how many micro-batches of ``batch`` each step accumulates (``optim.grad_accum``)."""
 
@@ -133,7 +133,7 @@ def prepare_train_step(
 ) -> tuple[Callable[[], None], float | None]:
     """One optimiser step as the trainer runs it (loss and backward for each of
     ``settings.accum`` micro-batches, then clip 1.0, fused AdamW on CUDA, EMA; or these three as
-    a :class:`~.update.FusedUpdate` with ``settings.update``) as a closure, and its model FLOPs
+    a :class:`~..update.FusedUpdate` with ``settings.update``) as a closure, and its model FLOPs
     (counted on CUDA, else None).
 
     ``settings.compile_model`` compiles the model (with ``compile_mode``, as one graph or per
@@ -186,7 +186,7 @@ def make_update(
 ) -> tuple[torch.optim.AdamW, Callable[[], Any]]:
     """The trainer's optimiser (fused AdamW on CUDA, over every parameter) and its update from
     the gradients: clip to norm 1, AdamW step, EMA (decay 0.9999) as ``library`` calls, or as a
-    :class:`~.update.FusedUpdate` (``impl`` ``compiled`` or ``triton``)."""
+    :class:`~..update.FusedUpdate` (``impl`` ``compiled`` or ``triton``)."""
     params = list(model.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0, fused=device.startswith("cuda"))
