@@ -34,8 +34,12 @@ step, _ = prepare_train_step("tiny", "diversedit", StepSettings(batch=8, dtype="
 # stops; a heap that kept growing fails this.
 LARGE = "x = torch.ones(12, 2048, 384)"
 # A step's heap still grows now and then after its third call (a few hundred faults in one of
-# three to five calls, seen here), so its median is taken over nine calls after six.
+# three to five calls, seen here), so its median is taken over nine calls after six. With glibc's
+# defaults its faults vary from process to process (480 to 9,700 seen, as the heap's layout
+# decides what is trimmed), so only the 36 MiB temporary, always mmapped, has a floor for them.
 CASES = {"tiny_step": (STEP, "step()", 6, 9), "36MiB": (LARGE, "x * 2", 20, 9)}
+DEFAULT_FLOOR = {"tiny_step": 1, "36MiB": 9000}  # 36 MiB are 9,216 pages
+KEPT_CEILING = 50  # pages: 200 KiB, a tenth of the fewest faults a default step had
 
 
 def _faults(setup: str, call: str, warmup: int, calls: int) -> dict[str, tuple[bool, int]]:
@@ -59,8 +63,8 @@ def test_kept_memory_removes_the_page_faults(case):
     faults = _faults(*CASES[case])
     (_, default), (applied, kept) = faults["default"], faults["kept"]
     assert applied
-    assert default > 1000, faults  # glibc returned the large temporaries to the kernel
-    assert kept < default / 20, faults
+    assert default >= DEFAULT_FLOOR[case], faults  # glibc returned temporaries to the kernel
+    assert kept <= min(KEPT_CEILING, default / 10), faults
 
 
 def test_user_settings_win(monkeypatch):
